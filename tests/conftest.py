@@ -7,11 +7,13 @@ This runs before any test module imports JAX, so every test sees the same
 import os
 import pathlib
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The embedded dataset is built once into the repo's cache and reused across runs.
+os.environ.setdefault("TFDS_DATA_DIR", str(REPO / ".cache" / "tfds"))
 
 import jax  # noqa: E402
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 jax.config.update("jax_num_cpu_devices", 8)
 # Faster random init on CPU; the partitionable variant is only needed on real meshes.

@@ -1,0 +1,1 @@
+"""Checkpoints, images and weight import/export."""

@@ -1,0 +1,230 @@
+"""`train_and_evaluate(config, workdir)`: the one training loop every family runs."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from genctl_jax import configlib, trainers
+from genctl_jax.data import pipeline
+from genctl_jax.errors import CheckpointError, TrainingError
+from genctl_jax.io import images
+from genctl_jax.io.checkpoints import CORRUPT_DIR, Checkpointer
+from genctl_jax.parallel import mesh as mesh_lib
+from genctl_jax.parallel import sharding
+from genctl_jax.trainers import optim, step, writer
+from genctl_jax.trainers import state as state_lib
+
+# Fields a resumed run may change without becoming "another config's run".
+RESUMABLE_FIELDS = (
+    "overwrite",
+    "mesh.",
+    "trainer.num_train_steps",
+    "trainer.log_every",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.async_checkpoints",
+    "trainer.sample_every",
+    "trainer.num_samples",
+    "trainer.progress_bar",
+    "trainer.max_nonfinite_steps",
+    "data.data_dir",
+    "data.prefetch",
+    "data.worker_threads",
+)
+RUN_OUTPUTS = ("checkpoints", CORRUPT_DIR, "tb", "samples", "metrics.jsonl", "config.json")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+    """Refuses a workdir holding a run of another config, unless config.overwrite is set."""
+    saved_file = workdir / "config.json"
+    current = json.loads(config.to_json_best_effort())
+    if saved_file.exists():
+        saved = json.loads(saved_file.read_text())
+        a, b = _flatten(saved), _flatten(current)
+        changed = sorted(
+            k
+            for k in set(a) | set(b)
+            if a.get(k) != b.get(k) and not k.startswith(RESUMABLE_FIELDS)
+        )
+        if changed and not config.overwrite:
+            details = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
+            raise CheckpointError(
+                f"workdir {workdir} holds a run of another config ({details}"
+                f"{'; ...' if len(changed) > 5 else ''}). Use another --workdir, or pass "
+                f"--config.overwrite=True to delete that run and start afresh"
+            )
+        if changed and jax.process_index() == 0:
+            logging.warning("config.overwrite=True: deleting the previous run in %s", workdir)
+            for name in RUN_OUTPUTS:
+                path = workdir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        saved_file.write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> state_lib.TrainState:
+    """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state."""
+    workdir = pathlib.Path(workdir)
+    devices = list(jax.devices() if devices is None else devices)
+
+    # ---- Validate the config and claim the workdir, before compiling anything.
+    configlib.validate(config, num_devices=len(devices))
+    claim_workdir(config, workdir)
+
+    # ---- Mesh.
+    mesh = mesh_lib.create_mesh(config.mesh, devices)
+    logging.info("Mesh %s over %d devices", dict(mesh.shape), mesh.size)
+
+    # ---- Input: each process reads its slice of every global batch.
+    data = pipeline.create_iterator(config.data, seed=config.seed)
+    data_start = data.get_state()
+    first_batch = None
+
+    # ---- Model, optimizers and the layout of the sharded train state.
+    task = trainers.build_task(config)
+    total_steps = config.trainer.num_train_steps
+    optimizers, schedules = {}, {}
+    for name in task.trained_networks:
+        optimizers[name], schedules[name] = optim.make_optimizer(
+            config.optimizers[name], total_steps
+        )
+    example = pipeline.to_global(next(data), mesh)
+    layout = state_lib.layout(task, optimizers, config, mesh, step.batch_spec(example))
+
+    # ---- Checkpoint: resume when the workdir has one, else initialise.
+    checkpointer = Checkpointer(
+        workdir / "checkpoints",
+        max_to_keep=config.trainer.keep_checkpoints,
+        async_save=config.trainer.async_checkpoints,
+    )
+    restored = checkpointer.restore(layout.abstract)
+    if restored is None:
+        state = layout.initialize()
+        data.set_state(data_start)
+        logging.info("Initialised a new run in %s", workdir)
+    else:
+        state, data_state, saved_step = restored
+        data.set_state(data_state)
+        logging.info("Resumed from the checkpoint at step %d", saved_step)
+    start_step = int(state.step)
+
+    # ---- The jitted update and sampler, with explicit shardings and donation.
+    rules = sharding.rules_for(config.sharding)
+    batch_shardings = jax.tree.map(lambda x: x.sharding, example)
+    train_step = jax.jit(
+        step.make_train_step(task, optimizers, config.trainer, mesh),
+        in_shardings=(layout.shardings, batch_shardings),
+        out_shardings=(layout.shardings, mesh_lib.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    sample_fn = jax.jit(task.sample, out_shardings=mesh_lib.replicated(mesh))
+
+    metrics_out = writer.MetricWriter(
+        workdir,
+        total_steps=total_steps,
+        start_step=start_step,
+        progress_bar=config.trainer.progress_bar,
+    )
+
+    def save(step_number: int) -> None:
+        checkpointer.save(step_number, state, data.get_state())
+
+    def write_samples(step_number: int, batch) -> None:
+        params = {**state.params, **state.ema_params}
+        key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1)
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            samples = sample_fn(params, key, batch)
+        if samples is None:
+            return
+        grid = images.make_grid(images.to_uint8(jax.device_get(samples)))
+        if jax.process_index() == 0:
+            images.save_png(workdir / "samples" / f"step_{step_number:08d}.png", grid)
+        metrics_out.write_image(step_number, "samples", grid)
+
+    # ---- Loop. Metrics of step k are read while step k+1 runs.
+    t = config.trainer
+    pending, history = None, []
+    try:
+        for step_number in range(start_step + 1, total_steps + 1):
+            batch = pipeline.to_global(next(data), mesh)
+            if first_batch is None:
+                first_batch = batch
+            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+                state, metrics = train_step(state, batch)
+            if pending is not None:
+                history.append(_check_finite(*pending, t.max_nonfinite_steps))
+            pending = (step_number, metrics)
+            metrics_out.advance()
+
+            if step_number % t.log_every == 0 or step_number == total_steps:
+                history.append(_check_finite(*pending, t.max_nonfinite_steps))
+                pending = None
+                scalars = {k: np.mean([h[k] for h in history]) for k in history[0]}
+                scalars.pop("nonfinite_streak")
+                scalars["update_skipped"] = sum(h["update_skipped"] for h in history)
+                for name, schedule in schedules.items():
+                    key = "learning_rate" if len(schedules) == 1 else f"{name}/learning_rate"
+                    scalars[key] = float(schedule(step_number - 1))
+                scalars.update(metrics_out.throughput(step_number, config.data.batch_size))
+                metrics_out.write_scalars(step_number, scalars)
+                history = []
+            if t.checkpoint_every and (
+                step_number % t.checkpoint_every == 0 or step_number == total_steps
+            ):
+                save(step_number)
+            if t.sample_every and (step_number % t.sample_every == 0 or step_number == total_steps):
+                write_samples(step_number, first_batch)
+        if pending is not None:
+            _check_finite(*pending, t.max_nonfinite_steps)
+    finally:
+        checkpointer.close()
+        metrics_out.close()
+    return state
+
+
+def _check_finite(step_number: int, metrics, max_streak: int) -> dict[str, float]:
+    """Fetches one step's metrics; logs a refused update and stops after too many in a row."""
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if values["update_skipped"]:
+        streak = int(values["nonfinite_streak"])
+        logging.warning(
+            "step %d: non-finite loss or gradients; the update was not applied (%d in a row)",
+            step_number,
+            streak,
+        )
+        if streak >= max_streak:
+            raise TrainingError(
+                f"{streak} train steps in a row (up to step {step_number}) produced non-finite "
+                f"losses or gradients, so training stopped (config.trainer.max_nonfinite_steps="
+                f"{max_streak}). Params are those of the last finite step. Lower the learning "
+                f"rate, enable config.optimizers.<net>.grad_clip_norm, or check the data"
+            )
+    return values
