@@ -6,12 +6,10 @@ from its latest checkpoint.
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from genctl_jax.errors import GenctlError
+from genctl_jax import cli
 from genctl_jax.parallel import distributed
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (path[:arg]).")
@@ -21,16 +19,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    distributed.initialize()
-    from genctl_jax.trainers.loop import train_and_evaluate
 
-    logging.info(distributed.process_summary())
-    try:
+    def train():
+        distributed.initialize()
+        from genctl_jax.trainers.loop import train_and_evaluate
+
+        logging.info(distributed.process_summary())
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except GenctlError as error:
-        logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+
+    cli.run(train)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ class Checkpointer:
                     "Checkpoint at step %d cannot be read (%s); moved it to %s and trying "
                     "the previous one.",
                     candidate,
-                    str(error).splitlines()[0] if str(error) else type(error).__name__,
+                    str(error)[:300],
                     kept,
                 )
         return None

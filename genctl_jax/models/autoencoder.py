@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from genctl_jax.errors import ConfigError
-from genctl_jax.nn.layers import Conv, GroupNorm, constrain_image
+from genctl_jax.nn.layers import constrain_image, conv, group_norm
 
 
 class ResBlock(nn.Module):
@@ -26,12 +26,12 @@ class ResBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        h = Conv(self.features, dtype=self.dtype)(nn.silu(GroupNorm()(x)))
-        h = nn.silu(GroupNorm()(h))
+        h = conv(self.features, dtype=self.dtype)(nn.silu(group_norm(x.shape[-1])(x)))
+        h = nn.silu(group_norm(self.features)(h))
         h = nn.Dropout(self.dropout, deterministic=not train)(h)
-        h = Conv(self.features, dtype=self.dtype)(h)
+        h = conv(self.features, dtype=self.dtype)(h)
         if x.shape[-1] != self.features:
-            x = Conv(self.features, kernel_size=1, dtype=self.dtype)(x)
+            x = conv(self.features, kernel_size=1, dtype=self.dtype)(x)
         return constrain_image(x + h)
 
 
@@ -47,14 +47,14 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        h = Conv(self.channels, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
+        h = conv(self.channels, dtype=self.dtype, name="conv_in")(x.astype(self.dtype))
         for level, mult in enumerate(self.channel_mult):
             for _ in range(self.num_res_blocks):
                 h = ResBlock(self.channels * mult, self.dropout, self.dtype)(h, train=train)
             if level < len(self.channel_mult) - 1:
-                h = Conv(self.channels * mult, strides=2, dtype=self.dtype)(h)
-        h = nn.silu(GroupNorm()(h))
-        return Conv(self.latent_channels, dtype=self.dtype, name="to_latent")(h)
+                h = conv(self.channels * mult, strides=2, dtype=self.dtype)(h)
+        h = nn.silu(group_norm(h.shape[-1])(h))
+        return conv(self.latent_channels, dtype=self.dtype, name="to_latent")(h)
 
 
 class Decoder(nn.Module):
@@ -70,16 +70,16 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, z, *, train: bool):
         top = self.channels * self.channel_mult[-1]
-        h = Conv(top, dtype=self.dtype, name="from_latent")(z.astype(self.dtype))
+        h = conv(top, dtype=self.dtype, name="from_latent")(z.astype(self.dtype))
         for level, mult in reversed(list(enumerate(self.channel_mult))):
             for _ in range(self.num_res_blocks):
                 h = ResBlock(self.channels * mult, self.dropout, self.dtype)(h, train=train)
             if level > 0:
                 n, height, width, c = h.shape
                 h = jax.image.resize(h, (n, 2 * height, 2 * width, c), "nearest")
-                h = Conv(self.channels * mult, dtype=self.dtype)(h)
-        h = nn.silu(GroupNorm()(h))
-        out = Conv(self.out_channels, dtype=self.dtype, name="conv_out")(h)
+                h = conv(self.channels * mult, dtype=self.dtype)(h)
+        h = nn.silu(group_norm(h.shape[-1])(h))
+        out = conv(self.out_channels, dtype=self.dtype, name="conv_out")(h)
         return out.astype(jnp.float32)
 
 

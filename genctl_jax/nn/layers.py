@@ -1,8 +1,9 @@
-"""Conv, Dense and GroupNorm with logical axis names on every parameter.
+"""Flax layers whose parameters carry logical axis names, so any model built from them shards.
 
-Kernels of convolutions are (kernel_h, kernel_w, conv_in, conv_out); dense kernels are
-(embed, mlp) by default; biases and norm scales are `vector` (kept replicated).
-Normalisation runs in float32 whatever the compute dtype.
+Factories return plain `flax.linen` modules, so parameter paths stay flat
+(`conv_in/kernel`), as checkpoint converters expect. Convolution kernels are
+(kernel_h, kernel_w, conv_in, conv_out); dense kernels are named by the caller;
+biases and norm scales are `vector` (kept replicated). Normalisation runs in float32.
 """
 
 from __future__ import annotations
@@ -13,73 +14,69 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 CONV_AXES = ("kernel_h", "kernel_w", "conv_in", "conv_out")
+LECUN_NORMAL = nn.initializers.lecun_normal()
 
 
 def _logical(init, axes):
-    return nn.with_logical_partitioning(init, axes)
+    return nn.with_logical_partitioning(init, tuple(axes))
 
 
-class Conv(nn.Module):
-    """2-D convolution (NHWC) whose kernel and bias carry logical names."""
-
-    features: int  # Output channels.
-    kernel_size: int = 3  # Square kernel side.
-    strides: int = 1
-    use_bias: bool = True
-    dtype: jnp.dtype = jnp.float32  # Compute dtype.
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Conv(
-            self.features,
-            (self.kernel_size, self.kernel_size),
-            strides=(self.strides, self.strides),
-            padding="SAME",
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            kernel_init=_logical(self.kernel_init, CONV_AXES),
-            bias_init=_logical(nn.initializers.zeros_init(), ("vector",)),
-        )(x)
-
-
-class Dense(nn.Module):
-    """Dense layer whose kernel is named `axes` (input, output) and bias `vector`."""
-
-    features: int  # Output width.
-    axes: Sequence[str] = ("embed", "mlp")  # Logical names of (input, output).
-    use_bias: bool = True
-    dtype: jnp.dtype = jnp.float32  # Compute dtype.
-    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
-
-    @nn.compact
-    def __call__(self, x):
-        return nn.Dense(
-            self.features,
-            use_bias=self.use_bias,
-            dtype=self.dtype,
-            kernel_init=_logical(self.kernel_init, tuple(self.axes)),
-            bias_init=_logical(nn.initializers.zeros_init(), ("vector",)),
-        )(x)
+def conv(
+    features: int,
+    kernel_size: int = 3,
+    strides: int = 1,
+    *,
+    dtype=jnp.float32,
+    use_bias: bool = True,
+    kernel_init=LECUN_NORMAL,
+    name: str | None = None,
+) -> nn.Conv:
+    """A SAME-padded square NHWC convolution computing in `dtype`."""
+    return nn.Conv(
+        features,
+        (kernel_size, kernel_size),
+        strides=(strides, strides),
+        padding="SAME",
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=_logical(kernel_init, CONV_AXES),
+        bias_init=_logical(nn.initializers.zeros_init(), ("vector",)),
+        name=name,
+    )
 
 
-class GroupNorm(nn.Module):
-    """GroupNorm computed in float32, cast back to the input dtype."""
+def dense(
+    features: int,
+    axes: Sequence[str] = ("embed", "mlp"),
+    *,
+    dtype=jnp.float32,
+    use_bias: bool = True,
+    kernel_init=LECUN_NORMAL,
+    name: str | None = None,
+) -> nn.Dense:
+    """A dense layer whose kernel's (input, output) dimensions are named `axes`."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        kernel_init=_logical(kernel_init, axes),
+        bias_init=_logical(nn.initializers.zeros_init(), ("vector",)),
+        name=name,
+    )
 
-    num_groups: int = 32  # Capped at the channel count for narrow tiny models.
-    epsilon: float = 1e-5
 
-    @nn.compact
-    def __call__(self, x):
-        groups = min(self.num_groups, x.shape[-1])
-        y = nn.GroupNorm(
-            num_groups=groups,
-            epsilon=self.epsilon,
-            dtype=jnp.float32,
-            scale_init=_logical(nn.initializers.ones_init(), ("vector",)),
-            bias_init=_logical(nn.initializers.zeros_init(), ("vector",)),
-        )(x.astype(jnp.float32))
-        return y.astype(x.dtype)
+def group_norm(
+    channels: int, num_groups: int = 32, epsilon: float = 1e-5, *, name: str | None = None
+) -> nn.GroupNorm:
+    """GroupNorm in float32; at most one group per channel for narrow (tiny) models."""
+    return nn.GroupNorm(
+        num_groups=min(num_groups, channels),
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        scale_init=_logical(nn.initializers.ones_init(), ("vector",)),
+        bias_init=_logical(nn.initializers.zeros_init(), ("vector",)),
+        name=name,
+    )
 
 
 def constrain_image(x):

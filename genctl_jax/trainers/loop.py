@@ -7,21 +7,21 @@ import pathlib
 import shutil
 from collections.abc import Sequence
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from genctl_jax import configlib, trainers
+from genctl_jax import configlib
 from genctl_jax.data import pipeline
 from genctl_jax.errors import CheckpointError, TrainingError
 from genctl_jax.io import images
 from genctl_jax.io.checkpoints import CORRUPT_DIR, Checkpointer
 from genctl_jax.parallel import mesh as mesh_lib
-from genctl_jax.parallel import sharding
-from genctl_jax.trainers import optim, step, writer
 from genctl_jax.trainers import state as state_lib
+from genctl_jax.trainers import trainer as trainer_lib
+from genctl_jax.trainers import writer
 
 # Fields a resumed run may change without becoming "another config's run".
 RESUMABLE_FIELDS = (
@@ -96,6 +96,11 @@ def train_and_evaluate(
     devices = list(jax.devices() if devices is None else devices)
 
     # ---- Validate the config and claim the workdir, before compiling anything.
+    if jax.process_count() > 1:
+        # The embedded dataset is built on first use: one process builds, the others wait.
+        if jax.process_index() == 0:
+            pipeline.validate(config.data, process_count=jax.process_count())
+        multihost_utils.sync_global_devices("genctl_jax: data prepared")
     configlib.validate(config, num_devices=len(devices))
     claim_workdir(config, workdir)
 
@@ -108,16 +113,9 @@ def train_and_evaluate(
     data_start = data.get_state()
     first_batch = None
 
-    # ---- Model, optimizers and the layout of the sharded train state.
-    task = trainers.build_task(config)
-    total_steps = config.trainer.num_train_steps
-    optimizers, schedules = {}, {}
-    for name in task.trained_networks:
-        optimizers[name], schedules[name] = optim.make_optimizer(
-            config.optimizers[name], total_steps
-        )
+    # ---- Model, optimizers, sharded state layout, jitted update and sampler.
     example = pipeline.to_global(next(data), mesh)
-    layout = state_lib.layout(task, optimizers, config, mesh, step.batch_spec(example))
+    run = trainer_lib.build(config, mesh, example)
 
     # ---- Checkpoint: resume when the workdir has one, else initialise.
     checkpointer = Checkpointer(
@@ -125,9 +123,9 @@ def train_and_evaluate(
         max_to_keep=config.trainer.keep_checkpoints,
         async_save=config.trainer.async_checkpoints,
     )
-    restored = checkpointer.restore(layout.abstract)
+    restored = checkpointer.restore(run.layout.abstract)
     if restored is None:
-        state = layout.initialize()
+        state = run.layout.initialize()
         data.set_state(data_start)
         logging.info("Initialised a new run in %s", workdir)
     else:
@@ -135,17 +133,7 @@ def train_and_evaluate(
         data.set_state(data_state)
         logging.info("Resumed from the checkpoint at step %d", saved_step)
     start_step = int(state.step)
-
-    # ---- The jitted update and sampler, with explicit shardings and donation.
-    rules = sharding.rules_for(config.sharding)
-    batch_shardings = jax.tree.map(lambda x: x.sharding, example)
-    train_step = jax.jit(
-        step.make_train_step(task, optimizers, config.trainer, mesh),
-        in_shardings=(layout.shardings, batch_shardings),
-        out_shardings=(layout.shardings, mesh_lib.replicated(mesh)),
-        donate_argnums=(0,),
-    )
-    sample_fn = jax.jit(task.sample, out_shardings=mesh_lib.replicated(mesh))
+    total_steps = config.trainer.num_train_steps
 
     metrics_out = writer.MetricWriter(
         workdir,
@@ -154,14 +142,10 @@ def train_and_evaluate(
         progress_bar=config.trainer.progress_bar,
     )
 
-    def save(step_number: int) -> None:
-        checkpointer.save(step_number, state, data.get_state())
-
     def write_samples(step_number: int, batch) -> None:
         params = {**state.params, **state.ema_params}
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1)
-        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            samples = sample_fn(params, key, batch)
+        samples = run.sample(params, key, batch)
         if samples is None:
             return
         grid = images.make_grid(images.to_uint8(jax.device_get(samples)))
@@ -177,8 +161,7 @@ def train_and_evaluate(
             batch = pipeline.to_global(next(data), mesh)
             if first_batch is None:
                 first_batch = batch
-            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                state, metrics = train_step(state, batch)
+            state, metrics = run.train_step(state, batch)
             if pending is not None:
                 history.append(_check_finite(*pending, t.max_nonfinite_steps))
             pending = (step_number, metrics)
@@ -190,8 +173,8 @@ def train_and_evaluate(
                 scalars = {k: np.mean([h[k] for h in history]) for k in history[0]}
                 scalars.pop("nonfinite_streak")
                 scalars["update_skipped"] = sum(h["update_skipped"] for h in history)
-                for name, schedule in schedules.items():
-                    key = "learning_rate" if len(schedules) == 1 else f"{name}/learning_rate"
+                for name, schedule in run.schedules.items():
+                    key = "learning_rate" if len(run.schedules) == 1 else f"{name}/learning_rate"
                     scalars[key] = float(schedule(step_number - 1))
                 scalars.update(metrics_out.throughput(step_number, config.data.batch_size))
                 metrics_out.write_scalars(step_number, scalars)
@@ -199,7 +182,7 @@ def train_and_evaluate(
             if t.checkpoint_every and (
                 step_number % t.checkpoint_every == 0 or step_number == total_steps
             ):
-                save(step_number)
+                checkpointer.save(step_number, state, data.get_state())
             if t.sample_every and (step_number % t.sample_every == 0 or step_number == total_steps):
                 write_samples(step_number, first_batch)
         if pending is not None:

@@ -89,7 +89,7 @@ def make_train_step(
         loss, metrics, grads = _phase_grads(
             phase, params, batch, rng, state.step, accum_steps, mesh
         )
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state = dict(params), dict(opt_state)
         for name in phase.networks:

@@ -1,0 +1,116 @@
+"""Whole runs of the training CLI in fresh processes: exact resume and two-process training."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = "configs/shapes_autoencoder.py:tiny"
+
+pytestmark = pytest.mark.slow
+
+
+def cli_env(**extra):
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "JAX_PLATFORMS": "cpu",
+        "TFDS_DATA_DIR": os.environ["TFDS_DATA_DIR"],
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+    }
+    env.update(extra)
+    return env
+
+
+def train(workdir, steps, *overrides, launcher=(), env=None):
+    command = [
+        *launcher,
+        sys.executable,
+        "-m",
+        "genctl_jax.train",
+        "--config",
+        CONFIG,
+        "--workdir",
+        str(workdir),
+        f"--config.trainer.num_train_steps={steps}",
+        *overrides,
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        env=env or cli_env(JAX_NUM_CPU_DEVICES="8"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def load_state(workdir, step):
+    """A saved train state as numpy arrays, whatever mesh wrote it."""
+    path = pathlib.Path(workdir) / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def load_data_state(workdir, step):
+    return json.loads(
+        (pathlib.Path(workdir) / "checkpoints" / str(step) / "data" / "metadata").read_text()
+    )
+
+
+def test_resume_after_process_exit_is_bitwise_exact(tmp_path):
+    """2N steps in one run == N steps, exit, resume, N steps: params, EMA, optimizer, RNG."""
+    train(tmp_path / "one_run", 4)
+    train(tmp_path / "two_runs", 2)
+    second = train(tmp_path / "two_runs", 4)
+    assert "Resumed from the checkpoint at step 2" in second.stderr
+
+    a, b = load_state(tmp_path / "one_run", 4), load_state(tmp_path / "two_runs", 4)
+    assert set(a) == {"params", "opt_state", "ema_params", "step", "rng"} | {
+        "nonfinite_streak",
+        "nonfinite_total",
+    }
+    leaves_a = jax.tree_util.tree_leaves_with_path(a)
+    for (path, x), y in zip(leaves_a, jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
+    assert int(a["step"]) == 4
+    assert load_data_state(tmp_path / "one_run", 4) == load_data_state(tmp_path / "two_runs", 4)
+    metrics = lambda w: [
+        json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert metrics(tmp_path / "one_run")[-1]["loss"] == metrics(tmp_path / "two_runs")[-1]["loss"]
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """2 processes x 4 CPU devices (gloo) end with the params of 1 process x 8 devices."""
+    # SGD: Adam would amplify the float noise of mathematically-zero gradients (see
+    # test_train.py), and the two runs reduce across devices in a different order.
+    overrides = ("--config.mesh.fsdp=4", "--config.optimizers.model.name=sgd")
+    train(tmp_path / "one", 2, *overrides)
+    launcher = (
+        str(REPO / "launch" / "multiprocess_cpu.sh"),
+        "2",
+        "--devices-per-process",
+        "4",
+        "--",
+    )
+    result = train(tmp_path / "two", 2, *overrides, launcher=launcher, env=cli_env())
+    assert "process 1/2: 4 local / 8 global devices" in result.stdout + result.stderr
+
+    one, two = load_state(tmp_path / "one", 2), load_state(tmp_path / "two", 2)
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(two), strict=True
+    ):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+    assert load_data_state(tmp_path / "one", 2) == load_data_state(tmp_path / "two", 2)
