@@ -105,7 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.sharding.rules = DEFAULT_RULES  # Logical axis name -> mesh axis (or axes, or None).
     # Per-network rules that replace `rules` (frozen encoders, the base UNet of a ControlNet).
     c.sharding.network_rules = ml_collections.ConfigDict()
-    # Fail when more than this fraction of parameter bytes is replicated on an fsdp axis > 1.
+    # Fail when more than this fraction of all networks' parameter bytes (frozen ones included)
+    # is replicated on an fsdp axis > 1.
     c.sharding.max_replicated_fraction = 0.05
 
     c.data = pipeline.default_config()

@@ -6,10 +6,8 @@ set -euo pipefail
 PROG=multiprocess_cpu.sh
 USAGE="launch/multiprocess_cpu.sh N [--devices-per-process D] [--port P] [--log-dir DIR] [--dry-run] -- COMMAND [ARG...]"
 
-usage_error() {  # one line on stderr, exit 2
-  echo "$PROG: error: $1; usage: $USAGE" >&2
-  exit 2
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 show_help() {
   cat <<EOF
@@ -37,22 +35,6 @@ example:
     .venv/bin/python -m genctl_jax.train --config configs/shapes_autoencoder.py --workdir runs/mp
 EOF
 }
-
-# Print arguments as one line that a POSIX shell parses back into the same words.
-shell_join() {
-  local out=() word q="'\\''"
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/"$q"}'")
-    fi
-  done
-  local IFS=' '
-  printf '%s\n' "${out[*]}"
-}
-
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
 free_port() {
   if command -v python3 >/dev/null 2>&1; then

@@ -7,10 +7,8 @@ set -euo pipefail
 PROG=tpu_pod.sh
 USAGE="launch/tpu_pod.sh --tpu NAME --zone ZONE [--project P] [--repo-dir DIR] [--setup [--repo-url URL] [--ref REF]] [--dry-run] -- COMMAND [ARG...]"
 
-usage_error() {  # one line on stderr, exit 2
-  echo "$PROG: error: $1; usage: $USAGE" >&2
-  exit 2
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 show_help() {
   cat <<EOF
@@ -38,22 +36,8 @@ With --setup the command may be left out (set up only).
 
 example:
   launch/tpu_pod.sh --tpu my-v4-32 --zone us-central2-b --setup -- \\
-    python -m genctl_jax.train --config configs/shapes_autoencoder.py --workdir gs://bucket/run1
+    python -m genctl_jax.train --config configs/shapes_autoencoder.py --workdir /mnt/shared/run1
 EOF
-}
-
-# Print arguments as one line that a POSIX shell parses back into the same words.
-shell_join() {
-  local out=() word q="'\\''"
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/"$q"}'")
-    fi
-  done
-  local IFS=' '
-  printf '%s\n' "${out[*]}"
 }
 
 tpu="" zone="" project="" repo_dir=genctl_jax setup=0 repo_url="" ref="" dry_run=0

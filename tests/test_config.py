@@ -119,6 +119,12 @@ def test_model_task_and_optimizer_fields():
     c.optimizers.model.name = "adagrad9"
     _expect(c, r"config\.optimizers\.model\.name='adagrad9': accepted adam, adamw, sgd")
     c = tiny()
+    c.optimizers.model.weight_decay = 0.1
+    _expect(c, r"weight_decay=0.1 only applies to name='adamw' \(got 'adam'\)")
+    c = tiny()
+    c.optimizers.model.b2 = 1.0
+    _expect(c, r"config\.optimizers\.model\.b2=1.0: expected 0 <= b2 < 1")
+    c = tiny()
     del c.optimizers["model"]
     c.optimizers.generator = c.optimizers.get("generator", {})
     _expect(c, r"config\.optimizers has blocks for \['generator'\]")
@@ -136,6 +142,7 @@ def test_command_line_overrides_and_clean_error(tmp_path):
             "--workdir",
             str(tmp_path / "w"),
             "--config.data.batch_size=12",
+            "--config.data.num_epochs=2",  # a None-default (placeholder) field takes a value
         ],
         cwd=REPO,
         capture_output=True,

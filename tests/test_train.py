@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from genctl_jax import configlib
+from genctl_jax import configlib, trainers
 from genctl_jax.data import pipeline
-from genctl_jax.errors import CheckpointError, TrainingError
+from genctl_jax.errors import CheckpointError, ConfigError, TrainingError
 from genctl_jax.io.checkpoints import Checkpointer
 from genctl_jax.parallel import mesh as mesh_lib
 from genctl_jax.trainers import loop
+from genctl_jax.trainers import state as state_lib
 from genctl_jax.trainers import trainer as trainer_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -68,8 +69,13 @@ def test_single_device_run_writes_its_outputs(single_device_run):
     assert int(state.step) == STEPS
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]
-    for key in ("loss", "grad_norm", "learning_rate", "steps_per_s", "examples_per_s", "eta_s"):
+    for key in ("loss", "grad_norm", "steps_per_s", "examples_per_s", "eta_s"):
         assert np.isfinite(records[-1][key]), key
+    # Learning rate of the applied updates, averaged per log interval: warm-up 0 -> 0.05 over
+    # updates 0-1, then cosine to 0.1 x peak over updates 2-3 (closed forms).
+    cosine_1 = 0.05 * (0.9 * 0.5 * (1 + np.cos(np.pi / 2)) + 0.1)
+    expected = [(0.0 + 0.025) / 2, (0.05 + cosine_1) / 2]
+    np.testing.assert_allclose([r["learning_rate"] for r in records], expected, rtol=1e-6)
     assert list((workdir / "tb").glob("events.out.tfevents.*"))
     assert (workdir / "samples" / f"step_{STEPS:08d}.png").exists()
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4"]
@@ -90,7 +96,11 @@ def test_mesh_run_matches_single_device(mesh, single_device_run, tmp_path):
 
     kernel = state.params["model"]["decoder"]["conv_out"]["kernel"]  # (3, 3, 8, 3)
     mid = state.params["model"]["encoder"]["ResBlock_1"]["Conv_1"]["kernel"]  # (3, 3, 16, 16)
-    mu = state.opt_state["model"][1][0].trace["encoder"]["ResBlock_1"]["Conv_1"]["kernel"]
+    mu = (
+        state.opt_state["model"][1]
+        .inner_state[0]
+        .trace["encoder"]["ResBlock_1"]["Conv_1"]["kernel"]
+    )
     if mesh["fsdp"] == 4:
         assert mid.sharding.spec == P(None, None, None, "fsdp")
         assert mu.sharding.spec == mid.sharding.spec  # optimizer state follows its param
@@ -193,6 +203,23 @@ def test_corrupt_latest_checkpoint_is_moved_aside_for_the_previous(single_device
     assert step == 2 and data_state["global_batches"] == 2
     assert (workdir / "corrupt_checkpoints" / "4" / "state").is_dir()  # kept, not deleted
     assert checkpointer.all_steps() == [2]
+
+
+def test_run_level_errors_come_before_any_compilation(tmp_path):
+    with pytest.raises(CheckpointError, match="is a URL; remote storage is not supported"):
+        loop.train_and_evaluate(tiny_config(), "gs://bucket/run")
+    config = tiny_config()
+    config.data.num_epochs = 1
+    config.trainer.num_train_steps = 100  # tiny16 has 512 examples: 32 batches of 16
+    with pytest.raises(ConfigError, match=r"num_epochs=1 gives 32 batches of 16, fewer than"):
+        loop.train_and_evaluate(config, tmp_path)
+    config = tiny_config()
+    config.sharding.network_rules.modle = configlib.DEFAULT_RULES
+    mesh = mesh_lib.create_mesh(config.mesh)
+    batch = {"image": jax.ShapeDtypeStruct((16, 16, 16, 3), jnp.float32)}
+    task = trainers.build_task(config)
+    with pytest.raises(ConfigError, match=r"network_rules has entries for \['modle'\].*model"):
+        state_lib.layout(task, {}, config, mesh, batch)
 
 
 def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):

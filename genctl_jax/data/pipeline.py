@@ -59,6 +59,7 @@ import ml_collections
 import numpy as np
 from grain.experimental import index_shuffle
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ml_collections.config_dict import placeholder
 from PIL import Image
 
 from genctl_jax.data import sources
@@ -81,14 +82,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.image_size = 32  # Output height = width in pixels.
     c.batch_size = 64  # Global batch size over all processes; must divide by the process count.
     c.shuffle = True  # Shuffle the example order, reshuffled every epoch (False: index order).
-    c.num_epochs = None  # Epochs to read before StopIteration; None reads forever.
+    c.num_epochs = placeholder(int)  # Epochs to read before StopIteration; None reads forever.
     c.random_flip = False  # Mirror image and maps left-right with probability 1/2.
-    c.random_crop = None  # None: centre crop; (lo, hi): random square crop, area fraction U(lo,hi).
+    c.random_crop = placeholder(
+        tuple
+    )  # None: centre crop; (lo, hi): random square crop, area fraction U(lo,hi).
     c.fields = ("image", "label")  # Fields kept in each batch (see the module docstring).
     # TFDS feature path ('/' for nesting, '' = absent) of each canonical field; add keys freely.
     c.tfds_keys = ml_collections.ConfigDict({"image": "image", "label": "label", "caption": ""})
-    c.data_dir = None  # TFDS data dir ('tfds:', 'shapes'); None: $TFDS_DATA_DIR or TFDS's default.
-    c.shapes_config = None  # Builder config of the shapes dataset; None: its default.
+    c.data_dir = placeholder(
+        str
+    )  # TFDS data dir ('tfds:', 'shapes'); None: $TFDS_DATA_DIR or TFDS's default.
+    c.shapes_config = placeholder(str)  # Builder config of the shapes dataset; None: its default.
     c.folder_labels = False  # 'folder:': label = index of the top-level sub-folder (sorted names).
     c.captions_file = "captions.jsonl"  # 'folder:': captions file in the folder, used if present.
     c.worker_threads = 8  # Threads reading and transforming examples (0: in the calling thread).

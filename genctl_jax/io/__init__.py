@@ -1,1 +1,1 @@
-"""Checkpoints, images and weight import/export."""
+"""Checkpoints and image files."""

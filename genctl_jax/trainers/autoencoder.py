@@ -15,7 +15,7 @@ from genctl_jax.trainers.task import Phase, Task
 
 
 class AutoencoderTask(Task):
-    """One network, `model`; the sample grid shows inputs above their reconstructions."""
+    """One network, `model`, trained to reproduce its input."""
 
     def __init__(self, config: ml_collections.ConfigDict):
         super().__init__(config)
@@ -41,10 +41,11 @@ class AutoencoderTask(Task):
         return l2 + weight * l1, {"l2": l2, "l1": l1}
 
     def sample(self, params, rng, batch):
+        """Each tile: an input (left) beside its reconstruction (right)."""
         del rng
         image = batch["image"][: self.config.trainer.num_samples]
         recon = self.model.apply({"params": params["model"]}, image)
-        return jnp.concatenate([image, jnp.clip(recon, -1.0, 1.0)], axis=0)
+        return jnp.concatenate([image, jnp.clip(recon, -1.0, 1.0)], axis=2)
 
     @classmethod
     def validate(cls, config):

@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from genctl_jax import configlib
 from genctl_jax.data import pipeline
-from genctl_jax.errors import CheckpointError, TrainingError
+from genctl_jax.errors import CheckpointError, ConfigError, TrainingError
 from genctl_jax.io import images
 from genctl_jax.io.checkpoints import CORRUPT_DIR, Checkpointer
 from genctl_jax.parallel import mesh as mesh_lib
@@ -92,6 +92,11 @@ def train_and_evaluate(
     devices: Sequence[jax.Device] | None = None,
 ) -> state_lib.TrainState:
     """Trains `config` in `workdir` (resuming from its latest checkpoint); returns the state."""
+    if "://" in str(workdir):
+        raise CheckpointError(
+            f"workdir {workdir!r} is a URL; remote storage is not supported yet. Mount the "
+            f"bucket (e.g. gcsfuse, or the GKE GCS FUSE CSI driver) and pass the mount path"
+        )
     workdir = pathlib.Path(workdir)
     devices = list(jax.devices() if devices is None else devices)
 
@@ -103,6 +108,8 @@ def train_and_evaluate(
         multihost_utils.sync_global_devices("genctl_jax: data prepared")
     configlib.validate(config, num_devices=len(devices))
     claim_workdir(config, workdir)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("genctl_jax: workdir claimed")
 
     # ---- Mesh.
     mesh = mesh_lib.create_mesh(config.mesh, devices)
@@ -111,9 +118,18 @@ def train_and_evaluate(
     # ---- Input: each process reads its slice of every global batch.
     data = pipeline.create_iterator(config.data, seed=config.seed)
     data_start = data.get_state()
-    first_batch = None
+    total_steps = config.trainer.num_train_steps
+    if config.data.num_epochs and config.data.num_epochs * data.steps_per_epoch < total_steps:
+        raise ConfigError(
+            f"config.data.num_epochs={config.data.num_epochs} gives "
+            f"{config.data.num_epochs * data.steps_per_epoch} batches of {data.global_batch_size}, "
+            f"fewer than config.trainer.num_train_steps={total_steps}; raise num_epochs, lower "
+            f"num_train_steps, or set num_epochs=None to read forever"
+        )
 
     # ---- Model, optimizers, sharded state layout, jitted update and sampler.
+    # The run's first global batch: the shapes to compile for, and the fixed input of every
+    # sample grid, the same before and after a resume.
     example = pipeline.to_global(next(data), mesh)
     run = trainer_lib.build(config, mesh, example)
 
@@ -133,7 +149,6 @@ def train_and_evaluate(
         data.set_state(data_state)
         logging.info("Resumed from the checkpoint at step %d", saved_step)
     start_step = int(state.step)
-    total_steps = config.trainer.num_train_steps
 
     metrics_out = writer.MetricWriter(
         workdir,
@@ -142,10 +157,10 @@ def train_and_evaluate(
         progress_bar=config.trainer.progress_bar,
     )
 
-    def write_samples(step_number: int, batch) -> None:
+    def write_samples(step_number: int) -> None:
         params = {**state.params, **state.ema_params}
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2**31 - 1)
-        samples = run.sample(params, key, batch)
+        samples = run.sample(params, key, example)
         if samples is None:
             return
         grid = images.make_grid(images.to_uint8(jax.device_get(samples)))
@@ -159,8 +174,6 @@ def train_and_evaluate(
     try:
         for step_number in range(start_step + 1, total_steps + 1):
             batch = pipeline.to_global(next(data), mesh)
-            if first_batch is None:
-                first_batch = batch
             state, metrics = run.train_step(state, batch)
             if pending is not None:
                 history.append(_check_finite(*pending, t.max_nonfinite_steps))
@@ -173,9 +186,6 @@ def train_and_evaluate(
                 scalars = {k: np.mean([h[k] for h in history]) for k in history[0]}
                 scalars.pop("nonfinite_streak")
                 scalars["update_skipped"] = sum(h["update_skipped"] for h in history)
-                for name, schedule in run.schedules.items():
-                    key = "learning_rate" if len(run.schedules) == 1 else f"{name}/learning_rate"
-                    scalars[key] = float(schedule(step_number - 1))
                 scalars.update(metrics_out.throughput(step_number, config.data.batch_size))
                 metrics_out.write_scalars(step_number, scalars)
                 history = []
@@ -184,7 +194,7 @@ def train_and_evaluate(
             ):
                 checkpointer.save(step_number, state, data.get_state())
             if t.sample_every and (step_number % t.sample_every == 0 or step_number == total_steps):
-                write_samples(step_number, first_batch)
+                write_samples(step_number)
         if pending is not None:
             _check_finite(*pending, t.max_nonfinite_steps)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import ml_collections
 import optax
 
@@ -43,20 +44,30 @@ def make_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Sched
     return optax.join_schedules([warmup, main], [c.warmup_steps])
 
 
-def make_optimizer(
-    c: ml_collections.ConfigDict, total_steps: int
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optax chain (clipping first) and its schedule, for logging the learning rate."""
+def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """The optax chain (clipping first); the schedule's value is kept in the state for logging."""
     schedule = make_schedule(c, total_steps)
     if c.name == "adam":
-        opt = optax.adam(schedule, b1=c.b1, b2=c.b2, eps=c.eps)
+        opt = optax.inject_hyperparams(optax.adam)(schedule, b1=c.b1, b2=c.b2, eps=c.eps)
     elif c.name == "adamw":
-        opt = optax.adamw(schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+        opt = optax.inject_hyperparams(optax.adamw)(
+            schedule, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay
+        )
     else:
-        opt = optax.sgd(schedule, momentum=c.b1 or None)
+        opt = optax.inject_hyperparams(optax.sgd)(schedule, momentum=c.b1 or None)
     if c.grad_clip_norm:
         opt = optax.chain(optax.clip_by_global_norm(c.grad_clip_norm), opt)
-    return opt, schedule
+    return opt
+
+
+def learning_rate(opt_state) -> jax.Array | None:
+    """The learning rate of the last applied update (refused updates do not advance it).
+
+    None for an optimizer built without `optax.inject_hyperparams`.
+    """
+    is_injected = lambda x: isinstance(x, optax.InjectStatefulHyperparamsState)
+    injected = [x for x in jax.tree.leaves(opt_state, is_leaf=is_injected) if is_injected(x)]
+    return injected[0].hyperparams.get("learning_rate") if injected else None
 
 
 def validate(config: ml_collections.ConfigDict, networks: tuple[str, ...]) -> None:
@@ -85,3 +96,15 @@ def validate(config: ml_collections.ConfigDict, networks: tuple[str, ...]) -> No
             raise ConfigError(f"{field}.warmup_steps={c.warmup_steps!r}: expected an int >= 0")
         if c.grad_clip_norm < 0:
             raise ConfigError(f"{field}.grad_clip_norm={c.grad_clip_norm!r}: expected >= 0")
+        for beta in ("b1", "b2"):
+            if not 0.0 <= c[beta] < 1.0:
+                raise ConfigError(f"{field}.{beta}={c[beta]!r}: expected 0 <= {beta} < 1")
+        if not c.eps > 0:
+            raise ConfigError(f"{field}.eps={c.eps!r}: expected > 0")
+        if c.end_factor < 0:
+            raise ConfigError(f"{field}.end_factor={c.end_factor!r}: expected >= 0")
+        if c.weight_decay and c.name != "adamw":
+            raise ConfigError(
+                f"{field}.weight_decay={c.weight_decay!r} only applies to name='adamw' "
+                f"(got {c.name!r}); set name='adamw' or weight_decay=0"
+            )

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from genctl_jax.errors import ConfigError
 from genctl_jax.parallel import sharding
 
 
@@ -104,15 +105,21 @@ def layout(task, optimizers, config, mesh, batch_spec) -> StateLayout:
         nonfinite_streak=replicated,
         nonfinite_total=replicated,
     )
-    abstract = nn.unbox(boxed)
-    for name, params in abstract.params.items():
-        sharding.check_sufficiently_sharded(
-            params,
-            shardings.params[name],
-            mesh,
-            config.sharding.max_replicated_fraction,
-            f"params/{name}",
+    unknown = sorted(set(config.sharding.network_rules) - set(boxed.params))
+    if unknown:
+        raise ConfigError(
+            f"config.sharding.network_rules has entries for {unknown}, which are not networks "
+            f"of this task; its networks: {', '.join(boxed.params)}"
         )
+    abstract = nn.unbox(boxed)
+    # One budget for all networks: what matters is the bytes each device holds.
+    sharding.check_sufficiently_sharded(
+        abstract.params,
+        shardings.params,
+        mesh,
+        config.sharding.max_replicated_fraction,
+        "params",
+    )
     abstract = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )

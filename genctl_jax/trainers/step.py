@@ -18,6 +18,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from genctl_jax.parallel.mesh import BATCH_AXES
+from genctl_jax.trainers import optim
 from genctl_jax.trainers.state import TrainState
 from genctl_jax.trainers.task import Phase, Task
 
@@ -138,6 +139,10 @@ def make_train_step(
                 for name, ema in ema_params.items()
             }
 
+        for name in task.trained_networks:
+            lr = optim.learning_rate(opt_state[name])
+            if lr is not None:
+                all_metrics["learning_rate" if single else f"{name}/learning_rate"] = lr
         streak = jnp.where(all_finite, 0, state.nonfinite_streak + 1)
         total = state.nonfinite_total + (~all_finite).astype(jnp.int32)
         all_metrics.update(update_skipped=~all_finite, nonfinite_streak=streak)

@@ -26,7 +26,6 @@ class Trainer:
     task: Task
     mesh: Mesh
     layout: state_lib.StateLayout
-    schedules: dict[str, Callable[[int], Any]]  # trained network -> learning-rate schedule
     rules: sharding.Rules  # activation rules, active while tracing
     _train_step: Callable
     _sample: Callable
@@ -46,11 +45,10 @@ def build(
 ) -> Trainer:
     """Builds the task, its optimizers, the sharded state layout and the jitted functions."""
     task = trainers.build_task(config)
-    optimizers, schedules = {}, {}
-    for name in task.trained_networks:
-        optimizers[name], schedules[name] = optim.make_optimizer(
-            config.optimizers[name], config.trainer.num_train_steps
-        )
+    optimizers = {
+        name: optim.make_optimizer(config.optimizers[name], config.trainer.num_train_steps)
+        for name in task.trained_networks
+    }
     layout = state_lib.layout(task, optimizers, config, mesh, step.batch_spec(example_batch))
     batch_shardings = jax.tree.map(lambda x: x.sharding, example_batch)
     train_step = jax.jit(
@@ -63,7 +61,6 @@ def build(
         task=task,
         mesh=mesh,
         layout=layout,
-        schedules=schedules,
         rules=sharding.rules_for(config.sharding),
         _train_step=train_step,
         _sample=jax.jit(task.sample, out_shardings=mesh_lib.replicated(mesh)),

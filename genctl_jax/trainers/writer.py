@@ -51,7 +51,7 @@ class MetricWriter:
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
         scalars = {k: float(v) for k, v in scalars.items()}
         text = " | ".join(
-            str(datetime.timedelta(seconds=round(v))) if k == "eta_s" else f"{k} {v:.4g}"
+            f"eta {datetime.timedelta(seconds=round(v))}" if k == "eta_s" else f"{k} {v:.4g}"
             for k, v in scalars.items()
         )
         message = f"step {step}/{self.total_steps} | {text}"

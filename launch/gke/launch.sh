@@ -6,10 +6,8 @@ PROG=launch.sh
 USAGE="launch/gke/launch.sh --image IMG --tpu-type TYPE --topology TOPO --num-hosts N [--name NAME] [--max-restarts K] [--dry-run] -- COMMAND [ARG...]"
 TEMPLATE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/jobset.yaml.tmpl"
 
-usage_error() {  # one line on stderr, exit 2
-  echo "$PROG: error: $1; usage: $USAGE" >&2
-  exit 2
-}
+# shellcheck source=launch/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
 
 show_help() {
   cat <<EOF
@@ -32,22 +30,8 @@ from the variables GKE sets), and pipes it to 'kubectl apply -f -' (current kube
 example:
   launch/gke/launch.sh --image us-docker.pkg.dev/proj/repo/genctl:latest \\
     --tpu-type v5litepod-16 --topology 4x4 --num-hosts 4 -- \\
-    python -m genctl_jax.train --config configs/shapes_autoencoder.py --workdir gs://bucket/run1
+    python -m genctl_jax.train --config configs/shapes_autoencoder.py --workdir /mnt/shared/run1
 EOF
-}
-
-# Print arguments as one line that a POSIX shell parses back into the same words.
-shell_join() {
-  local out=() word q="'\\''"
-  for word in "$@"; do
-    if [[ $word =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-      out+=("$word")
-    else
-      out+=("'${word//\'/"$q"}'")
-    fi
-  done
-  local IFS=' '
-  printf '%s\n' "${out[*]}"
 }
 
 # A YAML double-quoted scalar holding $1 exactly.
@@ -59,8 +43,6 @@ yaml_quote() {
   s=${s//$'\t'/\\t}
   printf '"%s"' "$s"
 }
-
-is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
 
 image="" tpu_type="" topology="" num_hosts="" name="" max_restarts=0 dry_run=0
 while (($#)); do
