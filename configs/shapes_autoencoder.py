@@ -38,7 +38,7 @@ def get_config(arg=None):
         learning_rate=1e-3, schedule="cosine", warmup_steps=100, end_factor=0.1
     )
 
-    c.trainer.num_train_steps = 2000
+    c.trainer.num_train_steps = 1000
     c.trainer.ema_decay = 0.999
     c.trainer.log_every = 100
     c.trainer.checkpoint_every = 500

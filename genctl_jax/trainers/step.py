@@ -139,10 +139,12 @@ def make_train_step(
                 for name, ema in ema_params.items()
             }
 
-        for name in task.trained_networks:
+        trained = task.trained_networks
+        for name in trained:
             lr = optim.learning_rate(opt_state[name])
             if lr is not None:
-                all_metrics["learning_rate" if single else f"{name}/learning_rate"] = lr
+                key = "learning_rate" if len(trained) == 1 else f"{name}/learning_rate"
+                all_metrics[key] = lr
         streak = jnp.where(all_finite, 0, state.nonfinite_streak + 1)
         total = state.nonfinite_total + (~all_finite).astype(jnp.int32)
         all_metrics.update(update_skipped=~all_finite, nonfinite_streak=streak)

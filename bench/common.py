@@ -1,0 +1,72 @@
+"""Shared pieces of the bench scripts: JAX set-up before it initialises, timing stats, output.
+
+Each script prints one JSON line per measurement (`emit`), so runs on different machines can
+be collected with `cat` and compared with `jq`; the numbers that carry across machines are
+the ratios to a peer measured in the same run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import statistics
+from collections.abc import Sequence
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def setup_jax(cpu_devices: int | None) -> None:
+    """Call before anything touches a JAX backend: fake CPU devices, no persistent cache.
+
+    The persistent compilation cache is turned off so that compile times are real compiles.
+    The shapes dataset is read from (and built once into) the repo's cache, as tests do,
+    unless $TFDS_DATA_DIR says otherwise.
+    """
+    os.environ.setdefault("TFDS_DATA_DIR", str(REPO / ".cache" / "tfds"))
+    import jax
+
+    if cpu_devices:
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
+    jax.config.update("jax_enable_compilation_cache", False)
+
+
+def host_info() -> dict:
+    """Facts about the host that explain a number: CPU count and load when it was taken."""
+    return {
+        "host_cpus": os.cpu_count(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "host": platform.node(),
+    }
+
+
+def device_info(devices: Sequence) -> dict:
+    """Platform and device kind of the devices measured, plus the host facts."""
+    import jax
+
+    return {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "jax": jax.__version__,
+        **host_info(),
+    }
+
+
+def timing_stats(seconds: Sequence[float]) -> dict:
+    """Median and 90th percentile (nearest rank) of per-step times, in milliseconds."""
+    ordered = sorted(seconds)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return {
+        "median_ms": round(1e3 * statistics.median(ordered), 3),
+        "p90_ms": round(1e3 * p90, 3),
+        "measured_steps": len(ordered),
+    }
+
+
+def emit(record: dict) -> None:
+    """Prints one measurement as one JSON line, stamped with the UTC time."""
+    stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    print(json.dumps({"time": stamp, **record}), flush=True)
