@@ -68,10 +68,11 @@ class StateLayout:
     _init: Callable[[jax.Array], TrainState]
     _seed_key: jax.Array
     mesh: Any
+    rules: sharding.Rules  # activation rules while tracing the init
 
     def initialize(self) -> TrainState:
         """Runs the jitted init: every shard is created on its own device."""
-        with jax.set_mesh(self.mesh):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return jax.jit(self._init, out_shardings=self.shardings)(self._seed_key)
 
 
@@ -129,4 +130,5 @@ def layout(task, optimizers, config, mesh, batch_spec) -> StateLayout:
         _init=lambda key: nn.unbox(init(key)),
         _seed_key=seed_key,
         mesh=mesh,
+        rules=sharding.rules_for(config.sharding),
     )
