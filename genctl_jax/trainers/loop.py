@@ -200,6 +200,7 @@ def train_and_evaluate(
     finally:
         checkpointer.close()
         metrics_out.close()
+        data.close()
     return state
 
 
