@@ -35,6 +35,12 @@ class Trainer:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._train_step(state, batch)
 
+    def lower(self, batch: dict[str, Any]):
+        """The train step lowered for the abstract state and `batch` (ahead-of-time compile
+        as a pre-flight: `.compile()` it, or read its `.cost_analysis()`)."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self._train_step.lower(self.layout.abstract, batch)
+
     def sample(self, params: dict[str, Any], rng: jax.Array, batch: dict[str, jax.Array]):
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._sample(params, rng, batch)

@@ -1,0 +1,1 @@
+"""Evaluation metrics: sample fidelity on the embedded dataset (FID/KID/IS come later)."""

@@ -1,0 +1,72 @@
+"""Open a finished (or running) workdir: its config, task and latest params, on any devices."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from jax.sharding import Mesh
+
+from genctl_jax import trainers
+from genctl_jax.errors import CheckpointError
+from genctl_jax.io.checkpoints import Checkpointer
+from genctl_jax.parallel import mesh as mesh_lib
+from genctl_jax.trainers import optim
+from genctl_jax.trainers import state as state_lib
+from genctl_jax.trainers.task import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedRun:
+    config: ml_collections.ConfigDict  # The run's config, as saved in workdir/config.json.
+    task: Task
+    mesh: Mesh  # Pure data parallelism over the devices given.
+    params: dict[str, Any]  # Network name -> params; EMA params where the run kept them.
+    step: int  # The checkpoint's step.
+
+
+def load(workdir: str | pathlib.Path, devices: Sequence[jax.Device] | None = None) -> SavedRun:
+    """Restores the latest checkpoint of `workdir`, preferring EMA params, replicated."""
+    workdir = pathlib.Path(workdir)
+    config_file = workdir / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(
+            f"{workdir} holds no run (no config.json); pass the --workdir of a training run"
+        )
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    mesh = mesh_lib.create_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), devices)
+    task = trainers.build_task(config)
+    total = config.trainer.num_train_steps
+    optimizers = {
+        name: optim.make_optimizer(config.optimizers[name], total) for name in task.trained_networks
+    }
+    size = config.data.image_size
+    channels = config.model.get("in_channels", 3)
+    example = {"image": jax.ShapeDtypeStruct((1, size, size, channels), jax.numpy.float32)}
+    layout = state_lib.layout(task, optimizers, config, mesh, example)
+    checkpointer = Checkpointer(workdir / "checkpoints")
+    try:
+        restored = checkpointer.restore(layout.abstract)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise CheckpointError(
+            f"{workdir} has no checkpoint yet; train first with python -m genctl_jax.train "
+            f"--config ... --workdir {workdir}"
+        )
+    state, _, step = restored
+    if not state.ema_params:
+        logging.warning("The run kept no EMA params; using the raw params of step %d", step)
+    return SavedRun(
+        config=config,
+        task=task,
+        mesh=mesh,
+        params={**state.params, **state.ema_params},
+        step=step,
+    )

@@ -1,0 +1,152 @@
+"""The diffusion trainer and the sampling CLI, end to end on the tiny shapes config."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+from PIL import Image
+
+from genctl_jax import configlib
+from genctl_jax.errors import CheckpointError, ConfigError
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = "configs/shapes_diffusion.py:tiny"
+
+
+def cli(*args, env_extra=None):
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "8",
+        "TFDS_DATA_DIR": os.environ["TFDS_DATA_DIR"],
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+        **(env_extra or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One train step of the tiny config through the training CLI."""
+    workdir = tmp_path_factory.mktemp("diffusion")
+    result = cli(
+        "genctl_jax.train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(workdir),
+        "--config.trainer.num_train_steps=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_one_train_step_from_the_cli(trained):
+    assert (trained / "checkpoints" / "1").is_dir()
+    assert (trained / "samples" / "step_00000001.png").exists()
+    line = (trained / "metrics.jsonl").read_text().splitlines()[-1]
+    assert '"loss"' in line and '"mse"' in line
+
+
+def test_sampling_cli_writes_a_grid_and_reports_fidelity(trained, tmp_path):
+    out = tmp_path / "grid.png"
+    result = cli(
+        "genctl_jax.sample",
+        "--workdir",
+        str(trained),
+        "--num_samples",
+        "6",
+        "--sampler",
+        "ddim",
+        "--steps",
+        "3",
+        "--guidance_scale",
+        "2",
+        "--labels",
+        "0,5,47",
+        "--out",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # 6 tiles of 16 px in a 3 x 2 grid with 1-px borders.
+    assert Image.open(out).size == (3 * 17 + 1, 2 * 17 + 1)
+    assert "class fidelity (analytic checker, 6 samples, guidance 2.0)" in result.stdout
+
+
+FLAGS = flags.FLAGS
+
+
+def run_sample(*argv):
+    """The sampling CLI's body in this process (flags parsed, then reset)."""
+    from genctl_jax import sample
+
+    FLAGS(["sample", *argv])
+    try:
+        sample.run()
+    finally:
+        FLAGS.unparse_flags()
+
+
+def test_sampling_bad_input_gets_one_clear_error(trained, tmp_path):
+    with pytest.raises(ConfigError, match=r"config\.sampling\.sampler='euler'.*ddpm.*ddim"):
+        run_sample(f"--workdir={trained}", "--sampler=euler")
+    with pytest.raises(ConfigError, match=r"num_steps=2000: expected at most .*num_timesteps=1000"):
+        run_sample(f"--workdir={trained}", "--steps=2000")
+    with pytest.raises(ConfigError, match=r"--labels holds \[48, -1\], outside .* 0\.\.47"):
+        run_sample(f"--workdir={trained}", "--labels=3,48,-1")
+    with pytest.raises(CheckpointError, match="holds no run"):
+        run_sample(f"--workdir={tmp_path}")
+    (tmp_path / "config.json").write_text((trained / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="has no checkpoint yet"):
+        run_sample(f"--workdir={tmp_path}")
+
+
+def test_guidance_without_condition_dropout_warns(caplog):
+    from genctl_jax.trainers.diffusion import warn_if_unguidable
+
+    config = configlib.load_config(f"{REPO / TINY}")
+    config.task.cond_drop_prob = 0.0
+    warn_if_unguidable(config, 3.0)
+    assert "trained without condition dropout" in caplog.text
+    caplog.clear()
+    config.task.cond_drop_prob = 0.1
+    warn_if_unguidable(config, 3.0)
+    assert not caplog.text
+
+
+def test_condition_dropout_rate_and_loss_target():
+    """The loss sees the null class at the configured rate and regresses the eps target."""
+    from genctl_jax.diffusion import schedules
+    from genctl_jax.trainers.diffusion import DiffusionTask
+
+    config = configlib.load_config(f"{REPO / TINY}")
+    config.task.cond_drop_prob = 0.25
+    task = DiffusionTask(config)
+    seen = []
+
+    class Spy:
+        def apply(self, variables, x_t, t, labels, **kw):
+            seen.append(labels)
+            return jnp.zeros_like(x_t)
+
+    task.model = Spy()
+    x0 = jax.random.uniform(jax.random.PRNGKey(1), (4096, 2, 2, 3), minval=-1, maxval=1)
+    batch = {"image": x0, "label": jnp.arange(4096, dtype=jnp.int32) % 48}
+    config.diffusion.loss_weighting = "uniform"
+    loss, metrics = task.loss({"model": {}}, batch, jax.random.PRNGKey(0), 0)
+    dropped = float(jnp.mean(seen[0] == task.null_label))
+    assert abs(dropped - 0.25) < 0.03, dropped
+    kept = seen[0] != task.null_label
+    np.testing.assert_array_equal(seen[0][kept], batch["label"][kept])
+    # A zero prediction of eps costs E[eps^2] = 1.
+    np.testing.assert_allclose(float(loss), 1.0, atol=0.02)
+    assert schedules.from_config(config.diffusion).num_timesteps == 1000

@@ -1,0 +1,64 @@
+"""Full-size recipes that cannot train here still validate and compile their train step."""
+
+import io
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from genctl_jax import configlib
+from genctl_jax.parallel import mesh as mesh_lib
+from genctl_jax.parallel.mesh import batch_sharding
+from genctl_jax.trainers import trainer as trainer_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fake_cifar10(tmp_path_factory):
+    """A prepared `cifar10` with the real builder's features and version, random pixels."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.image_classification.cifar import Cifar10
+
+    class FakeCifar10(Cifar10, skip_registration=True):
+        name = "cifar10"
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._fake(256), "test": self._fake(16)}
+
+        def _fake(self, n):
+            rng = np.random.default_rng(0)
+            for i in range(n):
+                buf = io.BytesIO()
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), np.uint8)).save(buf, "PNG")
+                buf.seek(0)
+                yield i, {"id": f"fake_{i}", "image": buf, "label": i % 10}
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    FakeCifar10(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    assert len(tfds.data_source("cifar10", split="train", data_dir=str(data_dir))) == 256
+    return data_dir
+
+
+@pytest.mark.slow
+def test_cifar10_ddpm_validates_and_compiles_its_train_step(fake_cifar10):
+    config = configlib.load_config(str(REPO / "configs" / "cifar10_ddpm.py"))
+    config.data.data_dir = str(fake_cifar10)
+    config.mesh.fsdp = 4
+    configlib.validate(config, num_devices=8, process_count=1)
+
+    mesh = mesh_lib.create_mesh(config.mesh)
+    batch = {
+        "image": jax.ShapeDtypeStruct((128, 32, 32, 3), np.float32, sharding=batch_sharding(mesh))
+    }
+    run = trainer_lib.build(config, mesh, batch)
+    params = run.layout.abstract.params["model"]
+    count = sum(x.size for x in jax.tree.leaves(params))
+    assert abs(count - 35.7e6) / 35.7e6 < 0.02, count
+    compiled = run.lower(batch).compile()
+    # XLA counts one device's share. The forward is ~6 GMAC (12 GFLOP) per 32x32 image and
+    # a train step ~3 forwards.
+    per_image = compiled.cost_analysis()["flops"] * mesh.size / 128
+    assert 25e9 < per_image < 50e9, per_image
