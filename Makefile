@@ -4,7 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
-RUN_WORKDIR ?= runs/shapes_autoencoder
+RUN_WORKDIR ?= runs/shapes_diffusion
+# On a CPU-only machine two fake devices keep both cores busy (one XLA CPU device uses ~1.3
+# cores on small convolutions); accelerators ignore this setting.
+RUN_CPU_DEVICES ?= 2
 
 .PHONY: test run lint format clean-cache
 
@@ -26,7 +29,11 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 run: $(STAMP)
-	$(PY) -m genctl_jax.train --config configs/shapes_autoencoder.py --workdir $(RUN_WORKDIR)
+	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.train \
+	    --config configs/shapes_diffusion.py --workdir $(RUN_WORKDIR)
+	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.sample --workdir $(RUN_WORKDIR) \
+	    --num_samples 64 --sampler ddim --steps 50 --guidance_scale 3 \
+	    --out $(RUN_WORKDIR)/samples.png
 
 clean-cache:
 	rm -rf .cache/jax

@@ -1,5 +1,6 @@
 """The diffusion trainer and the sampling CLI, end to end on the tiny shapes config."""
 
+import json
 import os
 import pathlib
 import subprocess
@@ -142,6 +143,7 @@ def test_condition_dropout_rate_and_loss_target():
     x0 = jax.random.uniform(jax.random.PRNGKey(1), (4096, 2, 2, 3), minval=-1, maxval=1)
     batch = {"image": x0, "label": jnp.arange(4096, dtype=jnp.int32) % 48}
     config.diffusion.loss_weighting = "uniform"
+    config.diffusion.prediction_type = "eps"
     loss, metrics = task.loss({"model": {}}, batch, jax.random.PRNGKey(0), 0)
     dropped = float(jnp.mean(seen[0] == task.null_label))
     assert abs(dropped - 0.25) < 0.03, dropped
@@ -150,3 +152,42 @@ def test_condition_dropout_rate_and_loss_target():
     # A zero prediction of eps costs E[eps^2] = 1.
     np.testing.assert_allclose(float(loss), 1.0, atol=0.02)
     assert schedules.from_config(config.diffusion).num_timesteps == 1000
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_class_conditional_shapes(tmp_path):
+    """A few hundred steps on shapes: the loss falls and guided samples follow their class."""
+    from genctl_jax.data import shapes
+    from genctl_jax.diffusion import samplers
+    from genctl_jax.metrics.fidelity import class_fidelity
+    from genctl_jax.trainers import loop
+
+    config = configlib.load_config(f"{REPO / TINY}")
+    config.data.batch_size = 32
+    config.optimizers.model.learning_rate = 2e-3
+    config.optimizers.model.warmup_steps = 50
+    config.trainer.num_train_steps = 600
+    config.trainer.ema_decay = 0.99
+    config.trainer.log_every = 100
+    config.trainer.checkpoint_every = 0
+    config.trainer.sample_every = 0
+    config.mesh.data = 2  # two fake devices: the fastest layout for 2 CPU cores
+    state = loop.train_and_evaluate(config, tmp_path, devices=jax.devices()[:2])
+
+    losses = [json.loads(x)["mse"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+    from genctl_jax.trainers.diffusion import DiffusionTask
+
+    task = DiffusionTask(config)
+    labels = jnp.arange(96, dtype=jnp.int32) % shapes.NUM_CLASSES
+    options = samplers.SamplerOptions(num_steps=25, guidance_scale=3.0)
+    images = jax.jit(lambda p, key: task.generate(p, key, labels, 96, options))(
+        {**state.params, **state.ema_params}, jax.random.PRNGKey(0)
+    )
+    asked = class_fidelity(images, labels)["colour"]
+    chance = class_fidelity(images, np.roll(np.asarray(labels), 7))["colour"]
+    # At 16 px the checker judges colour reliably, shape not; chance is the same images
+    # scored against other classes' colours. Measured on 2026-11-25: mse 0.45 -> 0.13,
+    # colour fidelity 0.53 against a chance of 0.14.
+    assert asked > chance + 0.3, (asked, chance)

@@ -71,6 +71,7 @@ def param_count(tree) -> int:
         {"dtype": "bfloat16"},
         {"num_heads": 2, "head_dim": -1, "out_channels": 6},
         {"channel_mult": (1, 2, 2), "attention_resolutions": (8, 4), "in_channels": 4},
+        {"patch_size": 2, "attention_resolutions": (4,)},
     ],
 )
 def test_output_shape_and_dtype_of_every_variant(overrides):
@@ -280,6 +281,11 @@ def test_valid_configs_pass():
         (dict(channel_mult=()), r"channel_mult=\(\): expected a non-empty tuple"),
         (dict(channels=0), r"channels=0: expected an integer >= 1"),
         (dict(num_res_block=2), r"config.model.num_res_block is not a unet field"),
+        (dict(patch_size=0), r"patch_size=0: expected an integer >= 1"),
+        (
+            dict(patch_size=4, attention_resolutions=(8,)),
+            r"attention_resolutions=\(8,\): 8 px never occurs.*4, 2",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(kwargs, message):
@@ -434,3 +440,12 @@ def test_forward_matches_diffusers_unet2dmodel(overrides):
         )
     assert np.abs(theirs).mean() > 1e-2
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_patch_fold_is_a_pixel_permutation_that_unfold_inverts():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    folded = unet._fold(x, 2)
+    assert folded.shape == (2, 2, 3, 12)
+    # The pixel (row 1, col 2) lands in patch (0, 1) at slot (1, 0).
+    np.testing.assert_array_equal(folded[0, 0, 1, 6:9], x[0, 1, 2])
+    np.testing.assert_array_equal(unet._unfold(folded, 2), x)

@@ -61,13 +61,19 @@ class ShapesConfig(tfds.core.BuilderConfig):
     seed: int = 0
 
 
-def _config(name: str, image_size: int, num_train: int, num_test: int) -> ShapesConfig:
+def _config(
+    name: str, image_size: int, num_train: int, num_test: int, max_objects: int = 3
+) -> ShapesConfig:
     return ShapesConfig(
         name=name,
-        description=f"{image_size}x{image_size}, {num_train} train / {num_test} test examples",
+        description=(
+            f"{image_size}x{image_size}, {num_train} train / {num_test} test examples, "
+            f"up to {max_objects} objects"
+        ),
         image_size=image_size,
         num_train=num_train,
         num_test=num_test,
+        max_objects=max_objects,
     )
 
 
@@ -87,6 +93,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
         _config("128", 128, 10_000, 1_000),
         _config("tiny16", 16, 512, 128),  # for tests: builds in about a second
         _config("tiny32", 32, 512, 128),
+        # One object per image: its class is the whole picture (class-conditional demos).
+        _config("single32", 32, 10_000, 1_000, max_objects=1),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -64,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
     m.remat = False  # Rematerialise each ResBlock and attention block in the backward pass.
     m.dtype = "float32"  # Compute dtype; params float32, GroupNorm and softmax float32.
     m.scale_shift_norm = True  # ADM scale-shift embedding injection; False: DDPM's additive.
+    # Pixels per side folded into channels before the first conv (and unfolded after the
+    # last): p=2 runs the whole network at half resolution, ~4x cheaper.
+    m.patch_size = 1
     return m
 
 
@@ -111,6 +114,7 @@ class UNet(nn.Module):
     remat: bool = False  # nn.remat every ResBlock and attention block.
     dtype: jnp.dtype = jnp.float32  # Compute dtype; params float32.
     scale_shift_norm: bool = True  # ADM scale-shift (True) or DDPM additive (False) injection.
+    patch_size: int = 1  # p x p pixels folded into channels at the input, unfolded at the output.
 
     def heads_for(self, width: int) -> int:
         return self.num_heads if self.head_dim <= 0 else width // self.head_dim
@@ -160,6 +164,7 @@ class UNet(nn.Module):
         emb = nn.with_logical_constraint(emb, ("batch", "channels"))
 
         # Down path.
+        x = _fold(x, self.patch_size)
         h = constrain_image(conv(self.channels, dtype=dt, name="conv_in")(x.astype(dt)))
         skips = [h]
         for level, mult in enumerate(mults):
@@ -198,8 +203,27 @@ class UNet(nn.Module):
         h = nn.silu(
             group_norm(h.shape[-1], groups_for(h.shape[-1], NORM_GROUPS), name="norm_out")(h)
         )
-        out = conv(self.out_channels, dtype=dt, kernel_init=ZEROS, name="conv_out")(h)
-        return out.astype(jnp.float32)
+        p = self.patch_size
+        out = conv(self.out_channels * p * p, dtype=dt, kernel_init=ZEROS, name="conv_out")(h)
+        return _unfold(out.astype(jnp.float32), p)
+
+
+def _fold(x, p: int):
+    """[B, H, W, C] -> [B, H/p, W/p, p*p*C]: each p x p patch becomes one pixel."""
+    if p == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h // p, w // p, p * p * c)
+
+
+def _unfold(x, p: int):
+    """The inverse of `_fold`."""
+    if p == 1:
+        return x
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, p, p, c // (p * p)).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, h * p, w * p, c // (p * p))
 
 
 FIELDS = tuple(k for k in default_config() if k != "name")
@@ -230,6 +254,7 @@ def from_config(model_config) -> UNet:
         remat=m.remat,
         dtype=jnp.dtype(m.dtype),
         scale_shift_norm=m.scale_shift_norm,
+        patch_size=m.patch_size,
     )
 
 
@@ -274,15 +299,17 @@ def validate(config) -> None:
                 f"{NORM_GROUPS} or multiples of {NORM_GROUPS}"
             )
 
+    if not _is_int(m.patch_size) or m.patch_size < 1:
+        raise ConfigError(f"config.model.patch_size={m.patch_size!r}: expected an integer >= 1")
     size = config.data.image_size
-    factor = 2 ** (len(mults) - 1)
+    factor = m.patch_size * 2 ** (len(mults) - 1)
     if size % factor:
         raise ConfigError(
             f"config.data.image_size={size} is not divisible by {factor}, the downsampling of "
-            f"{len(mults)} levels (config.model.channel_mult={mults}); use a multiple of "
-            f"{factor}"
+            f"patch_size={m.patch_size} and {len(mults)} levels (config.model.channel_mult="
+            f"{mults}); use a multiple of {factor}"
         )
-    resolutions = [size // 2**level for level in range(len(mults))]
+    resolutions = [size // m.patch_size // 2**level for level in range(len(mults))]
     attn = tuple(m.attention_resolutions)
     for res in attn:
         if res not in resolutions:
