@@ -7,6 +7,8 @@ This runs before any test module imports JAX, so every test sees the same
 import os
 import pathlib
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -24,3 +26,36 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _save_encoder(directory, kind):
+    """A random-weight transformers text encoder with the shapes tokenizer beside it."""
+    import torch
+    import transformers
+
+    from genctl_jax.models.text.tokenizer import shapes_tokenizer
+
+    torch.manual_seed(0)
+    if kind == "t5":
+        config = transformers.T5Config(
+            vocab_size=40, d_model=32, d_kv=8, num_heads=4, d_ff=64, num_layers=2,
+            relative_attention_num_buckets=8, relative_attention_max_distance=16,
+            feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+        )  # fmt: skip
+        model = transformers.T5EncoderModel(config)
+    else:  # CLIP with projection; the shapes tokenizer's </s> (id 1) ends every prompt.
+        config = transformers.CLIPTextConfig(
+            vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=16, projection_dim=24,
+            bos_token_id=3, eos_token_id=1, pad_token_id=0,
+        )  # fmt: skip
+        model = transformers.CLIPTextModelWithProjection(config)
+    model.save_pretrained(directory, safe_serialization=True)
+    shapes_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def pretrained_encoders(tmp_path_factory):
+    """{'t5': dir, 'clip': dir}: tiny pretrained-encoder directories as Hugging Face writes them."""
+    return {kind: _save_encoder(tmp_path_factory.mktemp(kind), kind) for kind in ("t5", "clip")}

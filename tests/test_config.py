@@ -18,9 +18,17 @@ def tiny(name="shapes_autoencoder.py"):
     return configlib.load_config(f"{REPO / 'configs' / name}:tiny")
 
 
+# Recipes of frozen pretrained encoders take the encoder's directory.
+PRETRAINED = {"t2i_t5.py": "t5", "t2i_clip.py": "clip"}
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_config_loads_and_validates_its_tiny_variant(path):
-    config = configlib.load_config(f"{path}:tiny")
+def test_every_config_loads_and_validates_its_tiny_variant(path, request):
+    arg = "tiny"
+    if path.name in PRETRAINED:
+        encoders = request.getfixturevalue("pretrained_encoders")
+        arg += f",encoder={encoders[PRETRAINED[path.name]]}"
+    config = configlib.load_config(f"{path}:{arg}")
     configlib.validate(config, num_devices=8, process_count=1)
     # The docstring holds the exact launch command.
     text = path.read_text()

@@ -1,32 +1,48 @@
-"""The ADM / DDPM diffusion UNet: timestep(+class)-conditioned, NHWC, logically sharded.
+"""The diffusion UNet: ADM / DDPM and Stable Diffusion (text cross-attention), NHWC, sharded.
 
-Architecture (Ho et al. 2020 "DDPM"; Dhariwal & Nichol 2021 "ADM"):
+Architecture (Ho et al. 2020 "DDPM"; Dhariwal & Nichol 2021 "ADM"; Rombach et al. 2022
+"LDM" / Stable Diffusion, whose UNet is ADM's with transformer blocks for attention):
 
 - `conv_in` (3x3) to `channels`; a sinusoidal timestep embedding (width `channels`,
   [cos | sin] as in ADM/diffusers) through dense -> SiLU -> dense of width 4 x `channels`;
   with `num_classes` = N > 0 a learned table of N + 1 rows is added to it, row N being
-  the null class of classifier-free guidance (used when `labels` is None).
+  the null class of classifier-free guidance (used when `labels` is None); with `pooled_dim`
+  > 0 a pooled text vector through dense -> SiLU -> dense is added too (diffusers'
+  `class_embed_type="projection"`), so it reaches every ResBlock like the timestep does.
 - Down path: per level `num_res_blocks` ResBlocks of width `channels x channel_mult[level]`,
-  each followed by self-attention where the feature map's height is in
-  `attention_resolutions`; between levels a downsample (stride-2 conv, or a BigGAN-style
-  ResBlock with `resblock_updown`). Every block output is kept as a skip.
-- Middle: ResBlock, attention, ResBlock (always, as in DDPM and ADM).
+  each followed by an attention block where the feature map's height is in
+  `attention_resolutions` (or the level is in `attention_levels`, whatever the input size);
+  between levels a downsample (stride-2 conv, or a BigGAN-style ResBlock with
+  `resblock_updown`). Every block output is kept as a skip.
+- Middle: ResBlock, attention, ResBlock (always, as in DDPM, ADM and Stable Diffusion).
 - Up path: per level `num_res_blocks + 1` ResBlocks, each on the concatenation with one
-  skip, attention at the same resolutions, and an upsample (nearest + conv, or an up
-  ResBlock) between levels.
+  skip, attention at the same places, and an upsample (nearest + conv, or an up ResBlock)
+  between levels.
 - GroupNorm -> SiLU -> `conv_out` (3x3).
 
-Zero initialisation (DDPM and ADM): the last conv of every ResBlock, the output projection of
-every attention block and `conv_out` start at zero, so a fresh UNet outputs exactly zero and
-each residual block starts as the identity on its skip path. Other kernels are LeCun-normal
-(Flax's default; DDPM used fan-avg uniform, ADM PyTorch's default), biases zero.
+Attention blocks are ADM's self-attention (`nn.attention.AttentionBlock`) when `context_dim`
+is 0; with `context_dim` > 0 every one is a Stable-Diffusion spatial transformer
+(`nn.transformer.SpatialTransformer`: `transformer_depth` blocks of self-attention,
+cross-attention to the text tokens `context` [B, L, context_dim] under `context_mask`, and a
+GEGLU feed-forward). `sd15_config()` is Stable Diffusion 1.x's UNet (859.5M params, the layout
+of diffusers' `UNet2DConditionModel`; `models.unet_diffusers` converts its weights): additive
+embedding injection (`scale_shift_norm=False`), 8 heads at every level, cross-attention at
+the first three levels. Heads: `num_heads` fixed per block, or `head_dim` channels each.
+
+Zero initialisation (DDPM and ADM; LDM for `proj_out`): the last conv of every ResBlock, the
+output projection of every attention block, the `proj_out` of every transformer and
+`conv_out` start at zero, so a fresh UNet outputs exactly zero and each residual block starts
+as the identity on its skip path. Other kernels are LeCun-normal (Flax's default; DDPM used
+fan-avg uniform, ADM PyTorch's default), biases zero.
 
 Logical names of the parameters: conv kernels (kernel_h, kernel_w, conv_in, conv_out);
-time MLP (embed, mlp) then (mlp, embed); each ResBlock's embedding projection (embed, mlp);
-attention q/k/v (embed, heads, head_dim) with biases (heads, head_dim) and the output
-projection (heads, head_dim, embed); the class table (vocab, embed); biases and GroupNorm
-scales (vector). Under `configlib.DEFAULT_RULES` fsdp shards conv output channels and every
-`embed` dimension, tensor shards heads, MLP hidden and the class table.
+time MLP (embed, mlp) then (mlp, embed), the pooled-vector MLP alike; each ResBlock's
+embedding projection (embed, mlp); attention q/k/v (embed, heads, head_dim) with biases
+(heads, head_dim) and the output projection (heads, head_dim, embed); transformer GEGLU
+(embed, None, mlp) then (mlp, embed), linear proj_in/proj_out (conv_in, conv_out); the class
+table (vocab, embed); biases and norm scales (vector). Under `configlib.DEFAULT_RULES` fsdp
+shards conv output channels and every `embed` dimension, tensor shards heads, MLP hidden and
+the class table.
 """
 
 from __future__ import annotations
@@ -40,8 +56,9 @@ import ml_collections
 from genctl_jax.errors import ConfigError
 from genctl_jax.nn.attention import AttentionBlock
 from genctl_jax.nn.blocks import ZEROS, Downsample, ResBlock, Upsample, groups_for
-from genctl_jax.nn.embeddings import TimestepEmbedding, class_embedding
+from genctl_jax.nn.embeddings import TimestepEmbedding, VectorEmbedding, class_embedding
 from genctl_jax.nn.layers import constrain_image, conv, group_norm
+from genctl_jax.nn.transformer import SpatialTransformer
 
 NORM_GROUPS = 32
 
@@ -55,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
     m.channels = 128  # Base width: level l has channels x channel_mult[l] channels.
     m.channel_mult = (1, 2, 2, 2)  # Width multiplier per level; a level halves the resolution.
     m.num_res_blocks = 2  # ResBlocks per level on the way down (the way up has one more).
-    m.attention_resolutions = (16,)  # Feature-map sizes in pixels with self-attention.
+    m.attention_resolutions = (16,)  # Feature-map sizes in pixels with attention blocks.
     m.num_heads = -1  # Attention heads (fixed count); -1: use head_dim instead.
     m.head_dim = 64  # Channels per attention head; -1: use num_heads instead.
     m.dropout = 0.1  # Dropout inside ResBlocks (train=True only).
@@ -67,6 +84,12 @@ def default_config() -> ml_collections.ConfigDict:
     # Pixels per side folded into channels before the first conv (and unfolded after the
     # last): p=2 runs the whole network at half resolution, ~4x cheaper.
     m.patch_size = 1
+    # Levels (0 = full resolution) with attention at any input size; instead of the above.
+    m.attention_levels = ()
+    m.context_dim = 0  # Text-token width cross-attended to; 0: no text, ADM self-attention.
+    m.transformer_depth = 1  # TransformerBlocks per attention site (needs context_dim > 0).
+    m.use_linear_projection = False  # Transformer proj_in/out linear (SD 2.x), else 1x1 conv.
+    m.pooled_dim = 0  # Width of a pooled text vector added to the time embedding; 0: none.
     return m
 
 
@@ -86,6 +109,54 @@ def tiny_config() -> ml_collections.ConfigDict:
     return m
 
 
+def tiny_text_config() -> ml_collections.ConfigDict:
+    """A small text-conditional UNet for tests: widths 32/64, cross-attention (2 heads) at level
+    0 and the middle, 16-wide text tokens, an 8-wide pooled vector."""
+    m = default_config()
+    m.update(
+        in_channels=4,
+        out_channels=4,
+        channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        attention_levels=(0,),
+        num_heads=2,
+        head_dim=-1,
+        dropout=0.0,
+        scale_shift_norm=False,
+        context_dim=16,
+        pooled_dim=8,
+    )
+    return m
+
+
+def sd15_config() -> ml_collections.ConfigDict:
+    """Stable Diffusion 1.x's UNet (CompVis / runwayml v1-5; 859,520,964 params).
+
+    64 x 64 x 4 latents, widths 320 x (1, 2, 4, 4), 2 ResBlocks per level, additive embedding
+    injection, one transformer block (8 heads) after each ResBlock of the first three levels
+    and in the middle, cross-attention to 768-wide CLIP ViT-L/14 tokens, 1x1-conv projections.
+    diffusers' `UNet2DConditionModel` with its default blocks and cross_attention_dim=768.
+    """
+    m = default_config()
+    m.update(
+        in_channels=4,
+        out_channels=4,
+        channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_resolutions=(),
+        attention_levels=(0, 1, 2),
+        num_heads=8,
+        head_dim=-1,
+        dropout=0.0,
+        scale_shift_norm=False,
+        context_dim=768,
+    )
+    return m
+
+
 def ddpm_cifar10_config() -> ml_collections.ConfigDict:
     """DDPM's CIFAR-10 UNet (32 x 32, unconditional, 35.75M params, REFERENCES.md).
 
@@ -98,14 +169,18 @@ def ddpm_cifar10_config() -> ml_collections.ConfigDict:
 
 
 class UNet(nn.Module):
-    """eps/x0/v predictor: (x [B,H,W,C], t [B], labels [B] | None) -> [B,H,W,out_channels]."""
+    """eps/x0/v predictor: (x [B,H,W,C], t [B], labels [B] | None) -> [B,H,W,out_channels].
+
+    Text-conditional variants (`context_dim`/`pooled_dim` > 0) also take the keyword inputs
+    `context`, `context_mask` and `pooled` (see `__call__`).
+    """
 
     in_channels: int = 3  # Channels of the noisy input image.
     out_channels: int = 3  # Channels of the prediction.
     channels: int = 128  # Base width.
     channel_mult: Sequence[int] = (1, 2, 2, 2)  # Width multiplier per level.
     num_res_blocks: int = 2  # ResBlocks per level on the way down.
-    attention_resolutions: Sequence[int] = (16,)  # Feature-map heights with self-attention.
+    attention_resolutions: Sequence[int] = (16,)  # Feature-map heights with attention.
     num_heads: int = -1  # Heads per attention block; -1: channels // head_dim.
     head_dim: int = 64  # Channels per head; -1: use num_heads.
     dropout: float = 0.1  # ResBlock dropout (train=True).
@@ -115,25 +190,46 @@ class UNet(nn.Module):
     dtype: jnp.dtype = jnp.float32  # Compute dtype; params float32.
     scale_shift_norm: bool = True  # ADM scale-shift (True) or DDPM additive (False) injection.
     patch_size: int = 1  # p x p pixels folded into channels at the input, unfolded at the output.
+    attention_levels: Sequence[int] = ()  # Levels with attention, whatever the input size.
+    context_dim: int = 0  # Text-token width; > 0: attention blocks are SpatialTransformers.
+    transformer_depth: int = 1  # TransformerBlocks per SpatialTransformer.
+    use_linear_projection: bool = False  # SpatialTransformer proj_in/out linear, else 1x1 conv.
+    pooled_dim: int = 0  # Width of the pooled vector added to the time embedding; 0: none.
 
     def heads_for(self, width: int) -> int:
         return self.num_heads if self.head_dim <= 0 else width // self.head_dim
 
     @nn.compact
-    def __call__(self, x, t, labels=None, *, train: bool = False):
+    def __call__(
+        self,
+        x,
+        t,
+        labels=None,
+        *,
+        context=None,
+        context_mask=None,
+        pooled=None,
+        train: bool = False,
+    ):
         """x [B, H, W, in_channels] float, t [B] int or float timesteps, labels [B] int32 in
         [0, num_classes] (num_classes = the null class) or None (all null) when
-        class-conditional, None otherwise -> [B, H, W, out_channels] float32."""
+        class-conditional, None otherwise; with `context_dim` > 0, context [B, L, context_dim]
+        float text tokens and context_mask [B, L] int/bool (1 = a token, 0 = padding; None: all
+        tokens; a row without tokens gets no cross-attention); with `pooled_dim` > 0, pooled
+        [B, pooled_dim] float -> [B, H, W, out_channels] float32."""
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             raise ValueError(f"x has shape {x.shape}; expected [B, H, W, {self.in_channels}]")
         batch = x.shape[0]
         if jnp.shape(t) != (batch,):
             raise ValueError(f"t has shape {jnp.shape(t)}; expected [{batch}]")
+        context, context_mask = self._text_inputs(context, context_mask, batch)
         res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
         attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
+        transformer_cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
         dt = self.dtype
         mults = tuple(self.channel_mult)
         attn_res = tuple(self.attention_resolutions)
+        attn_levels = tuple(self.attention_levels)
 
         def res_block(h, features, name, resample="none"):
             block = res_cls(
@@ -147,11 +243,24 @@ class UNet(nn.Module):
             )
             return block(h, emb, train)
 
+        def has_attention(h, level):
+            return level in attn_levels or h.shape[1] in attn_res
+
         def attention(h, name):
             heads = self.heads_for(h.shape[-1])
+            if self.context_dim > 0:
+                block = transformer_cls(
+                    heads,
+                    depth=self.transformer_depth,
+                    linear_projection=self.use_linear_projection,
+                    norm_groups=NORM_GROUPS,
+                    dtype=dt,
+                    name=name,
+                )
+                return block(h, context, context_mask)
             return attn_cls(heads, dtype=dt, norm_groups=NORM_GROUPS, name=name)(h)
 
-        # Timestep (+ class) embedding.
+        # Timestep (+ class, + pooled text) embedding.
         emb_dim = 4 * self.channels
         emb = TimestepEmbedding(emb_dim, self.channels, dtype=dt, name="time_embed")(t)
         if self.num_classes > 0:
@@ -161,6 +270,23 @@ class UNet(nn.Module):
             emb = emb + table(labels)
         elif labels is not None:
             raise ValueError("labels given to an unconditional UNet (num_classes=0)")
+        if self.pooled_dim > 0:
+            if pooled is None:
+                raise ValueError(
+                    f"this UNet adds a pooled vector to its time embedding (pooled_dim="
+                    f"{self.pooled_dim}): pass pooled [B, {self.pooled_dim}]"
+                )
+            if jnp.shape(pooled) != (batch, self.pooled_dim):
+                raise ValueError(
+                    f"pooled has shape {jnp.shape(pooled)}; expected [{batch}, {self.pooled_dim}]"
+                )
+            emb = emb + VectorEmbedding(emb_dim, dtype=dt, name="pooled_embed")(pooled)
+        elif pooled is not None:
+            raise ConfigError(
+                "pooled given to a UNet without a pooled-vector embedding "
+                "(config.model.pooled_dim=0); set pooled_dim to the vector's width or pass "
+                "pooled=None"
+            )
         emb = nn.with_logical_constraint(emb, ("batch", "channels"))
 
         # Down path.
@@ -170,7 +296,7 @@ class UNet(nn.Module):
         for level, mult in enumerate(mults):
             for i in range(self.num_res_blocks):
                 h = res_block(h, self.channels * mult, f"down_{level}_res_{i}")
-                if h.shape[1] in attn_res:
+                if has_attention(h, level):
                     h = attention(h, f"down_{level}_attn_{i}")
                 skips.append(h)
             if level < len(mults) - 1:
@@ -191,7 +317,7 @@ class UNet(nn.Module):
             for i in range(self.num_res_blocks + 1):
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
                 h = res_block(h, self.channels * mult, f"up_{level}_res_{i}")
-                if h.shape[1] in attn_res:
+                if has_attention(h, level):
                     h = attention(h, f"up_{level}_attn_{i}")
             if level > 0:
                 name = f"up_{level}_upsample"
@@ -206,6 +332,35 @@ class UNet(nn.Module):
         p = self.patch_size
         out = conv(self.out_channels * p * p, dtype=dt, kernel_init=ZEROS, name="conv_out")(h)
         return _unfold(out.astype(jnp.float32), p)
+
+    def _text_inputs(self, context, context_mask, batch: int):
+        """Checks `context` and `context_mask`; returns them with the mask as bool (or None)."""
+        if self.context_dim == 0:
+            if context is not None or context_mask is not None:
+                raise ConfigError(
+                    "context given to a UNet without cross-attention (config.model.context_dim="
+                    "0); set context_dim to the width of the text encoder's tokens (e.g. 768 "
+                    "for CLIP ViT-L/14) or pass context=None"
+                )
+            return None, None
+        if context is None:
+            raise ValueError(
+                f"this UNet cross-attends to text (context_dim={self.context_dim}): pass "
+                f"context [B, L, {self.context_dim}] (for the unconditional branch of "
+                f"guidance, the empty prompt's tokens)"
+            )
+        if context.ndim != 3 or context.shape[0] != batch or context.shape[2] != self.context_dim:
+            raise ValueError(
+                f"context has shape {context.shape}; expected [{batch}, L, {self.context_dim}]"
+            )
+        if context_mask is None:
+            return context, None
+        if jnp.shape(context_mask) != context.shape[:2]:
+            raise ValueError(
+                f"context_mask has shape {jnp.shape(context_mask)}; expected "
+                f"{tuple(context.shape[:2])}, one entry per context token"
+            )
+        return context, jnp.asarray(context_mask).astype(bool)
 
 
 def _fold(x, p: int):
@@ -255,6 +410,11 @@ def from_config(model_config) -> UNet:
         dtype=jnp.dtype(m.dtype),
         scale_shift_norm=m.scale_shift_norm,
         patch_size=m.patch_size,
+        attention_levels=tuple(m.attention_levels),
+        context_dim=m.context_dim,
+        transformer_depth=m.transformer_depth,
+        use_linear_projection=m.use_linear_projection,
+        pooled_dim=m.pooled_dim,
     )
 
 
@@ -278,13 +438,14 @@ def validate(config) -> None:
             f"config.model.num_classes={m.num_classes!r}: expected an integer >= 0 "
             f"(0 = unconditional)"
         )
-    for field in ("resblock_updown", "remat", "scale_shift_norm"):
+    for field in ("resblock_updown", "remat", "scale_shift_norm", "use_linear_projection"):
         if not isinstance(m[field], bool):
             raise ConfigError(f"config.model.{field}={m[field]!r}: expected True or False")
     if not isinstance(m.dropout, int | float) or not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"config.model.dropout={m.dropout!r}: expected 0 <= dropout < 1")
     if m.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"config.model.dtype={m.dtype!r}: expected float32, bfloat16 or float16")
+    _validate_text(m)
     mults = tuple(m.channel_mult)
     if not mults or not all(_is_int(v) and v >= 1 for v in mults):
         raise ConfigError(
@@ -311,6 +472,18 @@ def validate(config) -> None:
         )
     resolutions = [size // m.patch_size // 2**level for level in range(len(mults))]
     attn = tuple(m.attention_resolutions)
+    levels = tuple(m.attention_levels)
+    out_of_range = any(not _is_int(v) or not 0 <= v < len(mults) for v in levels)
+    if out_of_range or len(set(levels)) < len(levels):
+        raise ConfigError(
+            f"config.model.attention_levels={levels!r}: expected distinct level indices in "
+            f"0..{len(mults) - 1} (0 = full resolution; config.model.channel_mult={mults})"
+        )
+    if levels and attn:
+        raise ConfigError(
+            f"config.model.attention_levels={levels} and attention_resolutions={attn} both "
+            f"place attention; set one of them and the other to ()"
+        )
     for res in attn:
         if res not in resolutions:
             raise ConfigError(
@@ -330,6 +503,7 @@ def validate(config) -> None:
     # Widths that get attention: the listed levels, plus the middle block (the last level).
     attn_widths = {m.channels * mults[-1]}
     attn_widths |= {m.channels * mults[resolutions.index(res)] for res in attn}
+    attn_widths |= {m.channels * mults[level] for level in levels}
     for width in sorted(attn_widths):
         if head_dim > 0 and width % head_dim:
             raise ConfigError(
@@ -341,3 +515,25 @@ def validate(config) -> None:
                 f"config.model.num_heads={heads} does not divide the {width} channels of an "
                 f"attention block; use a divisor of {width}"
             )
+
+
+def _validate_text(m) -> None:
+    """The text-conditioning fields: widths, and no transformer setting without cross-attention."""
+    for field in ("context_dim", "pooled_dim"):
+        if not _is_int(m[field]) or m[field] < 0:
+            raise ConfigError(
+                f"config.model.{field}={m[field]!r}: expected an integer >= 0 (0 = none)"
+            )
+    if not _is_int(m.transformer_depth) or m.transformer_depth < 1:
+        raise ConfigError(
+            f"config.model.transformer_depth={m.transformer_depth!r}: expected an integer >= 1"
+        )
+    if m.context_dim == 0:
+        for field, default in (("transformer_depth", 1), ("use_linear_projection", False)):
+            if m[field] != default:
+                raise ConfigError(
+                    f"config.model.{field}={m[field]!r} configures cross-attention transformer "
+                    f"blocks, but config.model.context_dim=0 (no cross-attention); set "
+                    f"context_dim to the text-token width (e.g. 768 for CLIP ViT-L/14) or "
+                    f"{field}={default!r}"
+                )

@@ -4,6 +4,8 @@ GroupNorm -> q, k, v projections -> `jax.nn.dot_product_attention` -> output
 projection -> residual. Projection kernels are named ('embed', 'heads', 'head_dim')
 and ('heads', 'head_dim', 'embed'), so `fsdp` shards the model width and `tensor`
 splits heads; logits and softmax run in float32 whatever the compute dtype.
+`attend` (the attention itself, with an optional key padding mask) and `MultiAxisDense`
+are shared with the Stable-Diffusion transformer blocks of `genctl_jax.nn.transformer`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class MultiAxisDense(nn.Module):
     num_in_axes: int = 1  # Trailing input dims contracted.
     zero_init: bool = False  # Zero kernel (else LeCun normal over the contracted dims).
     dtype: jnp.dtype = jnp.float32  # Compute dtype; params float32.
+    use_bias: bool = True  # Add a bias (Stable Diffusion's q/k/v projections have none).
 
     @nn.compact
     def __call__(self, x):
@@ -53,13 +56,31 @@ class MultiAxisDense(nn.Module):
         kernel = self.param(
             "kernel", _logical(init, self.kernel_axes), in_shape + tuple(self.out_shape)
         )
-        bias = self.param(
-            "bias", _logical(nn.initializers.zeros_init(), self.bias_axes), self.out_shape
-        )
+        bias = None
+        if self.use_bias:
+            bias = self.param(
+                "bias", _logical(nn.initializers.zeros_init(), self.bias_axes), self.out_shape
+            )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
         y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
-        return y + bias
+        return y if bias is None else y + bias
+
+
+def attend(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(head_dim)) v for [B, L, heads, head_dim] q and [B, S, heads, ...] k, v.
+
+    mask: [B, S] bool, True = a key to attend to, or None (all). A query whose row has no
+    key left gets zeros (attention over nothing), not the uniform average a fully masked
+    softmax would give, so masked keys never leak into the output. The XLA implementation
+    keeps logits and softmax in float32 whatever the input dtype.
+    """
+    if mask is None:
+        a = jax.nn.dot_product_attention(q, k, v)
+    else:
+        a = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :])
+        a = jnp.where(mask.any(axis=-1)[:, None, None, None], a, jnp.zeros_like(a))
+    return nn.with_logical_constraint(a, HEADS_ACTIVATION)
 
 
 class AttentionBlock(nn.Module):
@@ -90,10 +111,7 @@ class AttentionBlock(nn.Module):
             )(h)
             return nn.with_logical_constraint(y, HEADS_ACTIVATION)
 
-        q, k, v = project("query"), project("key"), project("value")
-        # Scale 1/sqrt(head_dim); the XLA implementation keeps logits/softmax in float32.
-        a = jax.nn.dot_product_attention(q, k, v)
-        a = nn.with_logical_constraint(a, HEADS_ACTIVATION)
+        a = attend(project("query"), project("key"), project("value"))
         out = MultiAxisDense(
             (c,),
             OUT_AXES,

@@ -1,4 +1,4 @@
-"""Embeddings of diffusion timesteps and class labels, with logical axis names.
+"""Embeddings of diffusion timesteps, class labels and conditioning vectors, with logical names.
 
 `sinusoidal_embedding` is the Transformer position encoding applied to (possibly
 fractional) timesteps. Its defaults follow ADM / diffusers' `UNet2DModel`
@@ -51,10 +51,29 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, t):
         emb = sinusoidal_embedding(t, self.sinusoid_dim).astype(self.dtype)
-        # (embed, mlp) then (mlp, embed): fsdp shards the embed side, tensor the hidden one.
-        emb = dense(self.features, ("embed", "mlp"), dtype=self.dtype, name="dense_0")(emb)
-        emb = nn.silu(emb)
-        return dense(self.features, ("mlp", "embed"), dtype=self.dtype, name="dense_1")(emb)
+        return _mlp(emb, self.features, self.dtype)
+
+
+class VectorEmbedding(nn.Module):
+    """A conditioning vector [B, D] (e.g. pooled text) -> dense -> SiLU -> dense, `features` wide.
+
+    The layout of diffusers' `class_embed_type="projection"` (a `TimestepEmbedding` applied
+    to the raw vector): added to the time embedding, it reaches every ResBlock's injection.
+    """
+
+    features: int  # Output width (the UNet's time-embedding width).
+    dtype: jnp.dtype = jnp.float32  # Compute dtype of the MLP; params stay float32.
+
+    @nn.compact
+    def __call__(self, v):
+        return _mlp(v.astype(self.dtype), self.features, self.dtype)
+
+
+def _mlp(x, features: int, dtype):
+    """dense -> SiLU -> dense, created in the calling module (params `dense_0`, `dense_1`)."""
+    # (embed, mlp) then (mlp, embed): fsdp shards the embed side, tensor the hidden one.
+    x = dense(features, ("embed", "mlp"), dtype=dtype, name="dense_0")(x)
+    return dense(features, ("mlp", "embed"), dtype=dtype, name="dense_1")(nn.silu(x))
 
 
 def class_embedding(

@@ -4,6 +4,7 @@ Factories return plain `flax.linen` modules, so parameter paths stay flat
 (`conv_in/kernel`), as checkpoint converters expect. Convolution kernels are
 (kernel_h, kernel_w, conv_in, conv_out); dense kernels are named by the caller;
 biases and norm scales are `vector` (kept replicated). Normalisation runs in float32.
+Token activations [B, L, C] are pinned with `constrain_tokens`.
 """
 
 from __future__ import annotations
@@ -79,6 +80,22 @@ def group_norm(
     )
 
 
+def layer_norm(epsilon: float = 1e-5, *, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm over the last axis, in float32, scale and bias named `vector`."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        scale_init=_logical(nn.initializers.ones_init(), ("vector",)),
+        bias_init=_logical(nn.initializers.zeros_init(), ("vector",)),
+        name=name,
+    )
+
+
 def constrain_image(x):
     """Pins an NHWC activation to the batch layout at a block boundary."""
     return nn.with_logical_constraint(x, ("batch", "height", "width", "channels"))
+
+
+def constrain_tokens(x):
+    """Pins a [B, L, C] token activation (pixels or text tokens) to the batch layout."""
+    return nn.with_logical_constraint(x, ("batch", "length", "channels"))

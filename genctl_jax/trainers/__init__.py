@@ -12,6 +12,7 @@ from genctl_jax.errors import ConfigError
 TASKS = {
     "autoencoder": "genctl_jax.trainers.autoencoder:AutoencoderTask",
     "diffusion": "genctl_jax.trainers.diffusion:DiffusionTask",
+    "text_to_image": "genctl_jax.trainers.text_to_image:TextToImageTask",
 }
 
 

@@ -46,19 +46,26 @@ class DiffusionTask(Task):
 
     def loss(self, params, batch, rng, step):
         del step
-        x0 = batch["image"]
-        n = x0.shape[0]
+        n = batch["image"].shape[0]
         k_t, k_noise, k_drop, k_dropout = jax.random.split(rng, 4)
-        t = jax.random.randint(k_t, (n,), 0, self.schedule.num_timesteps)
-        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
-        x_t = schedules.q_sample(self.schedule, x0, t, noise)
         labels = None
         if self.num_classes:
             drop = jax.random.bernoulli(k_drop, self.config.task.cond_drop_prob, (n,))
             labels = jnp.where(drop, self.null_label, batch["label"])
-        out = self.model.apply(
-            {"params": params["model"]}, x_t, t, labels, train=True, rngs={"dropout": k_dropout}
-        )
+
+        def denoise(x_t, t):
+            return self.model.apply(
+                {"params": params["model"]}, x_t, t, labels, train=True, rngs={"dropout": k_dropout}
+            )
+
+        return self.denoising_loss(batch["image"], k_t, k_noise, denoise)
+
+    def denoising_loss(self, x0, k_t, k_noise, denoise):
+        """(Weighted MSE of `denoise(x_t, t)` vs the target at uniform timesteps, metrics)."""
+        t = jax.random.randint(k_t, (x0.shape[0],), 0, self.schedule.num_timesteps)
+        noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+        x_t = schedules.q_sample(self.schedule, x0, t, noise)
+        out = denoise(x_t, t)
         d = self.config.diffusion
         target = prediction.training_target(d.prediction_type, x0, noise, t, self.schedule)
         mse = jnp.mean(jnp.square(out - target), axis=tuple(range(1, x0.ndim)))
@@ -120,7 +127,8 @@ class DiffusionTask(Task):
 
 def warn_if_unguidable(config: ml_collections.ConfigDict, guidance_scale: float) -> None:
     """Guidance needs an unconditional model, which only condition dropout trains."""
-    if guidance_scale != 1.0 and not config.model.num_classes:
+    conditional = config.model.num_classes or config.task.name == "text_to_image"
+    if guidance_scale != 1.0 and not conditional:
         logging.warning(
             "guidance_scale=%s has no effect: this model is unconditional (num_classes=0)",
             guidance_scale,
@@ -128,7 +136,7 @@ def warn_if_unguidable(config: ml_collections.ConfigDict, guidance_scale: float)
     elif guidance_scale != 1.0 and not config.task.cond_drop_prob:
         logging.warning(
             "guidance_scale=%s, but this model was trained without condition dropout "
-            "(config.task.cond_drop_prob=0), so its null class is untrained and guidance will "
+            "(config.task.cond_drop_prob=0), so its null condition is untrained and guidance will "
             "not behave; use guidance_scale=1 or train with cond_drop_prob 0.1-0.2",
             guidance_scale,
         )

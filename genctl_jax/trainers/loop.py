@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from genctl_jax import configlib
+from genctl_jax import configlib, trainers
 from genctl_jax.data import pipeline
 from genctl_jax.errors import CheckpointError, ConfigError, TrainingError
 from genctl_jax.io import images
@@ -130,8 +130,9 @@ def train_and_evaluate(
     # ---- Model, optimizers, sharded state layout, jitted update and sampler.
     # The run's first global batch: the shapes to compile for, and the fixed input of every
     # sample grid, the same before and after a resume.
-    example = pipeline.to_global(next(data), mesh)
-    run = trainer_lib.build(config, mesh, example)
+    task = trainers.build_task(config)
+    example = pipeline.to_global(task.prepare_batch(next(data)), mesh)
+    run = trainer_lib.build(config, mesh, example, task)
 
     # ---- Checkpoint: resume when the workdir has one, else initialise.
     checkpointer = Checkpointer(
@@ -141,7 +142,7 @@ def train_and_evaluate(
     )
     restored = checkpointer.restore(run.layout.abstract)
     if restored is None:
-        state = run.layout.initialize()
+        state = run.initialize()
         data.set_state(data_start)
         logging.info("Initialised a new run in %s", workdir)
     else:
@@ -173,7 +174,7 @@ def train_and_evaluate(
     pending, history = None, []
     try:
         for step_number in range(start_step + 1, total_steps + 1):
-            batch = pipeline.to_global(next(data), mesh)
+            batch = pipeline.to_global(task.prepare_batch(next(data)), mesh)
             state, metrics = run.train_step(state, batch)
             if pending is not None:
                 history.append(_check_finite(*pending, t.max_nonfinite_steps))

@@ -62,6 +62,18 @@ class Task(abc.ABC):
         """Networks whose EMA is kept when `config.trainer.ema_decay > 0`."""
         return self.trained_networks
 
+    def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Host-side work on a host-local batch before it becomes global arrays (tokenising
+        captions, reading cached text embeddings). Default: the batch as it is."""
+        return batch
+
+    def pretrained_params(self, shardings: dict[str, Any]) -> dict[str, Any]:
+        """Params of networks that start from weights on disk (a pretrained text encoder),
+        placed by `shardings` (network name -> tree of shardings). They replace the random
+        init of a new run (and its EMA copy). Default: none."""
+        del shardings
+        return {}
+
     def sample(self, params: dict[str, Any], rng: jax.Array, batch: dict[str, jax.Array]):
         """Images in [-1, 1] (NHWC) for the periodic sample grid; `params` prefer EMA.
 

@@ -41,16 +41,29 @@ class Trainer:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._train_step.lower(self.layout.abstract, batch)
 
+    def initialize(self) -> state_lib.TrainState:
+        """A new run's state: random init, then the task's pretrained networks (EMA too)."""
+        state = self.layout.initialize()
+        pretrained = self.task.pretrained_params(self.layout.shardings.params)
+        if not pretrained:
+            return state
+        ema = {k: pretrained.get(k, v) for k, v in state.ema_params.items()}
+        return state.replace(params={**state.params, **pretrained}, ema_params=ema)
+
     def sample(self, params: dict[str, Any], rng: jax.Array, batch: dict[str, jax.Array]):
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._sample(params, rng, batch)
 
 
 def build(
-    config: ml_collections.ConfigDict, mesh: Mesh, example_batch: dict[str, jax.Array]
+    config: ml_collections.ConfigDict,
+    mesh: Mesh,
+    example_batch: dict[str, jax.Array],
+    task: Task | None = None,
 ) -> Trainer:
-    """Builds the task, its optimizers, the sharded state layout and the jitted functions."""
-    task = trainers.build_task(config)
+    """Builds the task (unless given), its optimizers, the sharded state layout and the
+    jitted functions."""
+    task = trainers.build_task(config) if task is None else task
     optimizers = {
         name: optim.make_optimizer(config.optimizers[name], config.trainer.num_train_steps)
         for name in task.trained_networks
