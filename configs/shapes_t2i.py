@@ -13,6 +13,11 @@ captions, and the analytic checker's fidelity is printed:
 No pretrained encoder can be downloaded here, so the text encoder is a small T5 (v1.1
 layout, 2 layers, width 64) initialised randomly and trained jointly with the UNet, over a
 word-level tokenizer of the captions' vocabulary. Variants: `:tiny` (tests), `:steps=N`.
+
+Measured on 2026-11-25 (2 CPU cores, 2 fake devices, ~5.2 steps/s, 14.6 min with sampling):
+DDIM 50, guidance 3, 64 held-out prompts: colour 0.95, size 0.81, colour and shape 0.27,
+position 0.13 (chance 0.11). A text-encoder learning rate of 3e-3 gave 0.33; transformer
+blocks at 8 x 8 (3,000 steps) 0.36. The same UNet with class labels reaches 0.89.
 """
 
 from genctl_jax import configlib
