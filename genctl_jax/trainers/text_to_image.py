@@ -37,18 +37,15 @@ class TextToImageTask(DiffusionTask):
         self.text_config = config.text
         self.max_length = config.text.max_length
         self.encoder = text_lib.build(config.text, jnp.dtype(config.model.dtype))
-        self._tokenizer = None
         self.cache = None
         if config.text.cache_dir:
             self.cache = text_cache.TextCache(config.text.cache_dir)
 
     # ---- Text.
 
-    @property
+    @functools.cached_property
     def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = text_lib.load_tokenizer(self.text_config)
-        return self._tokenizer
+        return text_lib.load_tokenizer(self.text_config)
 
     def tokenize(self, prompts) -> tuple[np.ndarray, np.ndarray]:
         return tokenizer_lib.tokenize(self.tokenizer, prompts, self.max_length)
