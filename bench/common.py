@@ -13,6 +13,7 @@ import os
 import pathlib
 import platform
 import statistics
+import time
 from collections.abc import Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -64,6 +65,23 @@ def timing_stats(seconds: Sequence[float]) -> dict:
         "p90_ms": round(1e3 * p90, 3),
         "measured_steps": len(ordered),
     }
+
+
+def time_alternating(runners: dict, warmup: int, steps: int) -> tuple[dict, dict]:
+    """Wall and CPU seconds per call of each runner, calls alternating so that both see the
+    same machine load; `warmup` untimed rounds first. Returns ({name: [s]}, {name: [s]})."""
+    for _ in range(warmup):
+        for run in runners.values():
+            run()
+    times = {name: [] for name in runners}
+    cpu = {name: [] for name in runners}
+    for _ in range(steps):
+        for name, run in runners.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            run()
+            times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - cpu_start)
+    return times, cpu
 
 
 def emit(record: dict) -> None:

@@ -179,17 +179,7 @@ def main(argv=None) -> None:
     run_ours()
     first_call_s = time.perf_counter() - start
     runners = {"ours_jax": run_ours, "diffusers_torch": run_theirs}
-    for _ in range(args.warmup):
-        for run in runners.values():
-            run()
-    times = {name: [] for name in runners}
-    cpu = {name: [] for name in runners}
-    for _ in range(args.steps):  # alternate, so both see the same machine load
-        for name, run in runners.items():
-            start, cpu_start = time.perf_counter(), time.process_time()
-            run()
-            times[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - cpu_start)
+    times, cpu = common.time_alternating(runners, args.warmup, args.steps)
 
     stats = {name: common.timing_stats(ts) for name, ts in times.items()}
     peer_ms = stats["diffusers_torch"]["median_ms"]
