@@ -245,3 +245,42 @@ def test_workdir_of_another_config_is_refused_unless_overwrite(tmp_path):
     loop.claim_workdir(other, tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
     assert json.loads((tmp_path / "config.json").read_text())["model"]["channels"] == 16
+
+
+class _CountingData:
+    """A finite data iterator whose state is the number of batches handed out."""
+
+    def __init__(self, n, fail_at=None):
+        self.n, self.i, self.fail_at = n, 0, fail_at
+
+    def __next__(self):
+        if self.i == self.fail_at:
+            raise OSError("disk gone")
+        if self.i == self.n:
+            raise StopIteration
+        self.i += 1
+        return {"x": np.full((2,), self.i)}
+
+    def get_state(self):
+        return {"global_batches": self.i}
+
+
+def test_prefetched_batches_carry_the_data_position_after_them():
+    batches = loop.BatchPrefetcher(_CountingData(5), lambda b: b["x"] * 10, depth=2)
+    got = list(batches)
+    batches.close()
+    assert [int(b[0]) for b, _ in got] == [10, 20, 30, 40, 50]
+    assert [s["global_batches"] for _, s in got] == [1, 2, 3, 4, 5]
+
+    failing = loop.BatchPrefetcher(_CountingData(5, fail_at=2), lambda b: b, depth=1)
+    assert next(failing)[1] == {"global_batches": 1}
+    assert next(failing)[1] == {"global_batches": 2}
+    with pytest.raises(OSError, match="disk gone"):
+        next(failing)
+    failing.close()
+
+    # Closing while the thread waits on a full queue returns.
+    stuck = loop.BatchPrefetcher(_CountingData(100), lambda b: b, depth=1)
+    next(stuck)
+    stuck.close()
+    assert not stuck._thread.is_alive()

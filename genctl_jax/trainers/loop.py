@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import pathlib
+import queue
 import shutil
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -169,12 +172,15 @@ def train_and_evaluate(
             images.save_png(workdir / "samples" / f"step_{step_number:08d}.png", grid)
         metrics_out.write_image(step_number, "samples", grid)
 
-    # ---- Loop. Metrics of step k are read while step k+1 runs.
+    # ---- Loop. Metrics of step k are read while step k+1 runs; batches are read, prepared
+    # and placed on a thread, while the step runs.
     t = config.trainer
     pending, history = None, []
+    batches = BatchPrefetcher(data, lambda b: pipeline.to_global(task.prepare_batch(b), mesh))
+    data_state = data.get_state()  # The input position after the last batch consumed.
     try:
         for step_number in range(start_step + 1, total_steps + 1):
-            batch = pipeline.to_global(task.prepare_batch(next(data)), mesh)
+            batch, data_state = next(batches)
             state, metrics = run.train_step(state, batch)
             if pending is not None:
                 history.append(_check_finite(*pending, t.max_nonfinite_steps))
@@ -193,16 +199,72 @@ def train_and_evaluate(
             if t.checkpoint_every and (
                 step_number % t.checkpoint_every == 0 or step_number == total_steps
             ):
-                checkpointer.save(step_number, state, data.get_state())
+                checkpointer.save(step_number, state, data_state)
             if t.sample_every and (step_number % t.sample_every == 0 or step_number == total_steps):
                 write_samples(step_number)
         if pending is not None:
             _check_finite(*pending, t.max_nonfinite_steps)
     finally:
+        batches.close()
         checkpointer.close()
         metrics_out.close()
         data.close()
     return state
+
+
+class BatchPrefetcher:
+    """Iterates (prepare(next(data)), data.get_state() after that batch) from a thread.
+
+    A jitted step holds the calling thread until it finishes on the CPU backend, so the host
+    work of the next batch (reading, tokenising, placing on devices) would otherwise add to
+    every step. Each batch travels with the iterator state just after it: a checkpoint saves
+    the position of the last batch trained on, not of those read ahead. Errors in the thread
+    are raised by `__next__`.
+    """
+
+    _DONE = object()
+
+    def __init__(self, data, prepare: Callable[[dict], Any], depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._produce, args=(data, prepare), name="batch-prefetch", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, data, prepare) -> None:
+        try:
+            while not self._stop.is_set():
+                item = (prepare(next(data)), data.get_state())
+                self._put(item)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer
+            self._put(error if not isinstance(error, StopIteration) else self._DONE)
+
+    def _put(self, item) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        item = self._queue.get()
+        if item is self._DONE:
+            self._queue.put(item)  # Stays exhausted.
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._queue.put(item)
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (it may have read up to `depth` + 1 batches nobody consumed)."""
+        self._stop.set()
+        self._thread.join()
 
 
 def _check_finite(step_number: int, metrics, max_streak: int) -> dict[str, float]:
