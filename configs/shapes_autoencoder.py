@@ -1,6 +1,6 @@
 """Convolutional autoencoder on the embedded shapes dataset (the foundation's demo).
 
-Launch (the README's `make run`):
+Launch:
 
   python -m genctl_jax.train --config configs/shapes_autoencoder.py \
       --workdir runs/shapes_autoencoder
