@@ -177,7 +177,6 @@ def train_and_evaluate(
     t = config.trainer
     pending, history = None, []
     batches = BatchPrefetcher(data, lambda b: pipeline.to_global(task.prepare_batch(b), mesh))
-    data_state = data.get_state()  # The input position after the last batch consumed.
     try:
         for step_number in range(start_step + 1, total_steps + 1):
             batch, data_state = next(batches)
