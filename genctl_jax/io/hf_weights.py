@@ -279,9 +279,10 @@ def save_checkpoint(
     if existing and not overwrite:
         raise CheckpointError(f"{existing[0]} exists; pass overwrite=True to replace it")
     directory.mkdir(parents=True, exist_ok=True)
-    # "format": "pt" marks the file as PyTorch-layout for readers that check it.
+    # "format": "pt" marks the file as PyTorch-layout for readers that check it. The reshape
+    # keeps 0-d tensors (CLIP's logit_scale) 0-d: np.ascontiguousarray makes them (1,).
     safetensors.numpy.save_file(
-        {k: np.ascontiguousarray(v) for k, v in hf_tensors.items()},
+        {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in hf_tensors.items()},
         targets[0],
         metadata={"format": "pt"},
     )

@@ -1,2 +1,2 @@
-"""Evaluation metrics: sample fidelity on the embedded dataset (`fidelity`) and the host-side
-math of FID, KID and IS (`distribution`; the Inception feature network comes later)."""
+"""Evaluation metrics: sample fidelity on the embedded dataset (`fidelity`), the host-side
+math of FID, KID and IS (`distribution`) and CLIP score (`clip_score`)."""

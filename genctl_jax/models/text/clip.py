@@ -34,6 +34,9 @@ Checkpoint keys are those of `CLIPTextModelWithProjection` / `CLIPModel` and of 
 `text_projection.weight`). transformers 5 saves a `CLIPTextModel` without the `text_model.`
 prefix; both are read, and `save_pretrained` writes the prefixed layout, which all
 transformers versions load.
+
+The vision tower and the full two-tower CLIP (`genctl_jax.models.clip_vision`) reuse
+`EncoderLayer` (with `causal=False`), `layer_norm` and `encoder_layers_weight_map`.
 """
 
 from __future__ import annotations
@@ -213,6 +216,7 @@ class SelfAttention(nn.Module):
 
     num_heads: int  # Heads; must divide the width.
     dtype: jnp.dtype = jnp.float32  # Compute dtype of the projections.
+    causal: bool = True  # Each token attends only to itself and earlier ones (text tower).
 
     @nn.compact
     def __call__(self, x, mask):
@@ -232,7 +236,9 @@ class SelfAttention(nn.Module):
 
         q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
         # Logits and softmax run in float32 whatever the compute dtype (XLA implementation).
-        a = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=head_dim**-0.5, is_causal=True)
+        a = jax.nn.dot_product_attention(
+            q, k, v, mask=mask, scale=head_dim**-0.5, is_causal=self.causal
+        )
         a = nn.with_logical_constraint(a, HEADS_ACTIVATION)
         return MultiAxisDense(
             (width,), OUT_AXES, ("vector",), num_in_axes=2, dtype=self.dtype, name="out_proj"
@@ -260,16 +266,19 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    """One pre-LN transformer layer on the float32 residual stream."""
+    """One pre-LN transformer layer on the float32 residual stream (text and vision towers)."""
 
-    config: CLIPTextConfig  # The tower's shape.
+    # The tower's shape: a CLIPTextConfig, or any config with the same layer fields
+    # (layer_norm_eps, num_attention_heads, intermediate_size, hidden_act), e.g. the vision one.
+    config: Any
     dtype: jnp.dtype = jnp.float32  # Compute dtype of the matmuls.
+    causal: bool = True  # Causal self-attention (text); the vision tower attends both ways.
 
     @nn.compact
     def __call__(self, x, mask):
         c = self.config
         h = layer_norm(c.layer_norm_eps, "layer_norm1")(x)
-        h = SelfAttention(c.num_attention_heads, self.dtype, name="self_attn")(h, mask)
+        h = SelfAttention(c.num_attention_heads, self.dtype, self.causal, name="self_attn")(h, mask)
         x = x + h.astype(jnp.float32)
         h = layer_norm(c.layer_norm_eps, "layer_norm2")(x)
         h = MLP(c.intermediate_size, c.hidden_act, self.dtype, name="mlp")(h)
@@ -357,7 +366,21 @@ def weight_map(config: CLIPTextConfig) -> list[hf_weights.Tensor]:
         tower(("final_layer_norm", "scale"), "final_layer_norm.weight"),
         tower(("final_layer_norm", "bias"), "final_layer_norm.bias"),
     ]
-    for i in range(config.num_hidden_layers):
+    out += encoder_layers_weight_map(config.num_hidden_layers, tower)
+    if config.with_projection:
+        out.append(
+            hf_weights.Tensor(("text_projection", "kernel"), "text_projection.weight", "linear")
+        )
+    return out
+
+
+def encoder_layers_weight_map(num_layers: int, tower) -> list[hf_weights.Tensor]:
+    """The tensors of `EncoderLayer`s `layers_0..` <-> `encoder.layers.{i}.*` (either tower).
+
+    tower(flax_path, key, kind='same', num_in_axes=1) -> Tensor adds the tower's prefixes.
+    """
+    out = []
+    for i in range(num_layers):
         flax, hf = f"layers_{i}", f"encoder.layers.{i}"
         for name in ("q_proj", "k_proj", "v_proj"):
             key = f"{hf}.self_attn.{name}"
@@ -384,10 +407,6 @@ def weight_map(config: CLIPTextConfig) -> list[hf_weights.Tensor]:
                 tower((flax, "mlp", name, "kernel"), f"{hf}.mlp.{name}.weight", "linear"),
                 tower((flax, "mlp", name, "bias"), f"{hf}.mlp.{name}.bias"),
             ]
-    if config.with_projection:
-        out.append(
-            hf_weights.Tensor(("text_projection", "kernel"), "text_projection.weight", "linear")
-        )
     return out
 
 
