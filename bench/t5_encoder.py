@@ -13,6 +13,10 @@ alternate, each timed to completion, so load from elsewhere on the machine hits 
   python bench/t5_encoder.py --cpu_devices 2      # our batch split over 2 CPU devices
   python bench/t5_encoder.py --dtype bfloat16     # our compute dtype (torch stays float32)
   python bench/t5_encoder.py --preset t5-base --length 128
+  python bench/t5_encoder.py --dtype bfloat16 --torch_dtype bfloat16   # on a GPU
+
+On a GPU transformers runs on it too (torch's CUDA device), timed to
+`torch.cuda.synchronize()`; `--torch_dtype bfloat16` runs theirs under `torch.autocast`.
 
 Prints one JSON line per implementation (see bench/README.md) with the ratio of our time to
 theirs.
@@ -35,6 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=8, help="prompts per forward")
     p.add_argument("--length", type=int, default=64, help="tokens per prompt (padded)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="ours")
+    p.add_argument(
+        "--torch_dtype", default="float32", choices=("float32", "bfloat16"), help="theirs"
+    )
     p.add_argument("--cpu_devices", type=int, default=1, help="JAX CPU devices (batch split)")
     p.add_argument("--runs", type=int, default=10, help="timed forwards per implementation")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards after the compile")
@@ -104,16 +111,27 @@ def main(argv=None) -> None:
         return jax.block_until_ready(compiled({"params": params}, ids, mask))[0]
 
     # ---- theirs ----
-    ids_t, mask_t = torch.from_numpy(ids_np).long(), torch.from_numpy(mask_np).long()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ref = ref.to(device)
+    ids_t = torch.from_numpy(ids_np).long().to(device)
+    mask_t = torch.from_numpy(mask_np).long().to(device)
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=args.torch_dtype == "bfloat16"
+    )
 
     @torch.no_grad()
     def run_theirs():
-        return ref(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+        with autocast:
+            out = ref(input_ids=ids_t, attention_mask=mask_t).last_hidden_state
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
 
     start = time.perf_counter()
     ours_out = np.asarray(run_ours())
     first_call_s = time.perf_counter() - start
-    max_abs_diff = float(np.abs(ours_out - run_theirs().numpy()).max())
+    theirs_out = run_theirs().float().cpu().numpy()
+    max_abs_diff = float(np.abs(ours_out.astype(np.float32) - theirs_out).max())
 
     runners = {"ours_jax": run_ours, "transformers_torch": run_theirs}
     for _ in range(args.warmup):
@@ -146,7 +164,7 @@ def main(argv=None) -> None:
     for name in runners:
         seconds = stats[name]["median_ms"] / 1e3
         record = {**shared, "name": name, **stats[name]}
-        record["dtype"] = args.dtype if name == "ours_jax" else "float32"
+        record["dtype"] = args.dtype if name == "ours_jax" else args.torch_dtype
         record["tokens_per_s"] = round(b * n / seconds, 1)
         record["ratio_vs_peer"] = round(stats[name]["median_ms"] / peer_ms, 3)
         if name == "ours_jax":

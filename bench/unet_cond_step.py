@@ -13,6 +13,16 @@ each timed to completion, so load from elsewhere on the machine hits both alike.
   python bench/unet_cond_step.py                    # the default tiny SD-like UNet
   python bench/unet_cond_step.py --cpu_devices 2    # our batch split over 2 CPU devices
   python bench/unet_cond_step.py --widths 320,640,1280,1280 --cross_levels 3 --context_dim 768
+  python bench/unet_cond_step.py --dtype bfloat16 --attention cudnn   # on a GPU
+
+On a GPU, diffusers runs on it too (torch's CUDA device) and each step is timed to
+`torch.cuda.synchronize()`; `--dtype bfloat16` is mixed precision on both sides: float32
+params and optimizer state, bfloat16 compute (ours: the module's `dtype`; theirs:
+`torch.autocast`). `--attention xla` turns off our cuDNN fused attention (by default used
+for unmasked bfloat16 attention on GPUs, see `genctl_jax.nn.attention`); theirs is PyTorch's
+scaled_dot_product_attention. Peak memory: XLA's memory analysis of our compiled step
+(arguments + outputs + temporaries, donated buffers counted once) and torch's
+`max_memory_allocated` on CUDA.
 
 Prints one JSON line per implementation (see bench/README.md for the shared fields).
 """
@@ -44,6 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         default=1,
         help="JAX CPU devices; > 1 splits our batch over them (data parallel, params replicated)",
+    )
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute")
+    p.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "xla"),
+        help="our attention: cuDNN's fused kernel where it applies on GPU (auto), or XLA's",
     )
     p.add_argument("--steps", type=int, default=8, help="timed steps per implementation")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after the compile")
@@ -90,6 +107,9 @@ def main(argv=None) -> None:
     from genctl_jax.models import unet_diffusers
 
     torch.set_num_threads(args.torch_threads)
+    from genctl_jax.nn import attention
+
+    attention.FUSED_ON_GPU = args.attention == "auto"
     devices = jax.devices()
     if args.batch_size % len(devices):
         raise SystemExit(f"--batch_size {args.batch_size} does not split over {len(devices)}")
@@ -103,6 +123,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ref.save_pretrained(tmp, safe_serialization=True)
         module, params = unet_diffusers.load_diffusers(tmp)
+    module = module.clone(dtype=jnp.dtype(args.dtype))
     ref_params = sum(p.numel() for p in ref.parameters())
     ours_params = sum(leaf.size for leaf in jax.tree.leaves(params))
     if ours_params != ref_params:
@@ -118,18 +139,24 @@ def main(argv=None) -> None:
     lengths = rng.integers(min(10, n_tok), n_tok + 1, size=(b,))
     mask_np = (np.arange(n_tok)[None, :] < lengths[:, None]).astype(np.int32)
     x, eps, t, ctx, mask = (jax.device_put(a, split) for a in (x_np, eps_np, t_np, ctx_np, mask_np))
-    x_t = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous()
-    eps_t = torch.from_numpy(eps_np).permute(0, 3, 1, 2).contiguous()
-    t_t, ctx_t, mask_t = (torch.from_numpy(a) for a in (t_np.astype(np.int64), ctx_np, mask_np))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ref = ref.to(device)
+    x_t = torch.from_numpy(x_np).permute(0, 3, 1, 2).contiguous().to(device)
+    eps_t = torch.from_numpy(eps_np).permute(0, 3, 1, 2).contiguous().to(device)
+    t_t, ctx_t, mask_t = (
+        torch.from_numpy(a).to(device) for a in (t_np.astype(np.int64), ctx_np, mask_np)
+    )
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16")
 
     def forward(params, x, t, ctx, mask, train=False):
         return module.apply({"params": params}, x, t, context=ctx, context_mask=mask, train=train)
 
     params = jax.device_put(params, replicated)
-    with torch.no_grad():
+    with torch.no_grad(), autocast:
         theirs = ref(x_t, t_t, ctx_t, encoder_attention_mask=mask_t).sample
     ours = jax.jit(forward)(params, x, t, ctx, mask)
-    max_diff = float(np.abs(np.asarray(ours) - theirs.permute(0, 2, 3, 1).numpy()).max())
+    theirs = theirs.float().permute(0, 2, 3, 1).cpu().numpy()
+    max_diff = float(np.abs(np.asarray(ours, np.float32) - theirs).max())
 
     # ---- ours: one jit of value_and_grad + optax.adamw, params/opt state donated ----
     tx = optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
@@ -152,6 +179,15 @@ def main(argv=None) -> None:
     xla_s = time.perf_counter() - start
     device_flops = flops_of(compiled)
     step_flops = device_flops * len(devices) if device_flops else None
+    memory = compiled.memory_analysis()
+    peak_bytes = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+        if memory is not None
+        else None
+    )
 
     def run_ours():
         nonlocal params, opt_state
@@ -166,9 +202,12 @@ def main(argv=None) -> None:
 
     def run_theirs():
         opt.zero_grad(set_to_none=True)
-        out = ref(x_t, t_t, ctx_t, encoder_attention_mask=mask_t).sample
-        torch.nn.functional.mse_loss(out, eps_t).backward()
+        with autocast:
+            out = ref(x_t, t_t, ctx_t, encoder_attention_mask=mask_t).sample
+        torch.nn.functional.mse_loss(out.float(), eps_t).backward()
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     counter = FlopCounterMode(display=False)
     with counter:
@@ -192,6 +231,8 @@ def main(argv=None) -> None:
         "context": [n_tok, args.context_dim],
         "image_size": s,
         "batch_size": b,
+        "dtype": args.dtype,
+        "attention": args.attention,
         "params": ours_params,
         "forward_max_abs_diff": max_diff,
         **common.device_info(devices),
@@ -210,12 +251,16 @@ def main(argv=None) -> None:
                 compile_s=round(lower_s + xla_s, 3),
                 compile_breakdown_s={"trace_lower": round(lower_s, 3), "xla": round(xla_s, 3)},
                 first_call_s=round(first_call_s, 3),
+                peak_memory_bytes=peak_bytes,
                 flops_per_step=step_flops,
                 achieved_flops_per_s=round(step_flops / step_s) if step_flops else None,
             )
         else:
             record.update(
                 torch_fwd_bwd_flops=torch_flops,
+                peak_memory_bytes=(
+                    torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+                ),
                 achieved_flops_per_s=round(torch_flops / step_s),
             )
         common.emit(record)

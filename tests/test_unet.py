@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from genctl_jax import configlib, models
 from genctl_jax.errors import ConfigError
 from genctl_jax.models import unet
+from genctl_jax.nn import attention
 from genctl_jax.nn.attention import AttentionBlock
 from genctl_jax.nn.embeddings import sinusoidal_embedding
 from genctl_jax.parallel import mesh as mesh_lib
@@ -227,6 +228,35 @@ def test_attention_block_matches_einsum_softmax():
     expected = x + (proj + params["out"]["bias"]).reshape(x.shape)
     assert float(jnp.abs(expected - x).mean()) > 0.1
     np.testing.assert_allclose(np.asarray(out), np.asarray(expected), atol=2e-5, rtol=1e-5)
+
+
+def test_attend_sends_unmasked_16_bit_gpu_attention_to_cudnn_and_the_rest_to_xla(monkeypatch):
+    """The dispatch rule of `attention.attend` (the GPU kernels themselves are measured on a
+    GPU: bench/RESULTS.md); here the backend and the kernels are stand-ins that record calls."""
+    calls = []
+
+    def fake_attention(q, k, v, mask=None, implementation=None):
+        if implementation == "cudnn" and q.shape[-1] > 256:
+            raise NotImplementedError("head dim")
+        calls.append((implementation, mask is not None))
+        return q
+
+    monkeypatch.setattr(attention.jax.nn, "dot_product_attention", fake_attention)
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    bf16 = jnp.zeros((1, 4, 2, 8), jnp.bfloat16)
+    mask = jnp.ones((1, 4), bool)
+    attention.attend(bf16, bf16, bf16)
+    attention.attend(bf16.astype(jnp.float32), bf16, bf16)  # float32: XLA
+    attention.attend(bf16, bf16, bf16, mask)  # masked: XLA
+    wide = jnp.zeros((1, 4, 2, 264), jnp.bfloat16)
+    attention.attend(wide, wide, wide)  # cuDNN refuses: falls back to XLA
+    assert calls == [("cudnn", False), (None, False), (None, True), (None, False)]
+    monkeypatch.setattr(attention, "FUSED_ON_GPU", False)
+    attention.attend(bf16, bf16, bf16)
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "cpu")
+    monkeypatch.setattr(attention, "FUSED_ON_GPU", True)
+    attention.attend(bf16, bf16, bf16)
+    assert calls[4:] == [(None, False), (None, False)]
 
 
 def test_sinusoidal_embedding_matches_closed_form():
