@@ -91,6 +91,7 @@ def _convert(key: str, raw: str, default: Any) -> Any:
 def base_config() -> ml_collections.ConfigDict:
     """Fields shared by every experiment; configs fill `model`, `task` and `optimizers`."""
     from genctl_jax.data import pipeline
+    from genctl_jax.metrics import evaluation
 
     c = ml_collections.ConfigDict()
     c.seed = 0  # Root of all randomness: params, dropout, noise and data order.
@@ -134,6 +135,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.trainer.sample_every = 0  # 0 disables periodic samples.
     c.trainer.num_samples = 16
     c.trainer.progress_bar = True
+
+    c.eval = evaluation.default_config()
     return c
 
 
@@ -162,6 +165,7 @@ def validate(
 
     from genctl_jax import models, trainers
     from genctl_jax.data import pipeline
+    from genctl_jax.metrics import evaluation
     from genctl_jax.parallel import mesh as mesh_lib
     from genctl_jax.parallel import sharding
 
@@ -203,5 +207,7 @@ def validate(
         raise ConfigError(
             f"config.model.dtype={config.model.dtype!r}: expected float32, bfloat16 or float16"
         )
+    if config.eval.every_steps:
+        evaluation.validate(config.eval, batch_shards)
     models.validate(config)
     trainers.validate(config)

@@ -5,7 +5,8 @@
   python -m genctl_jax.sample --workdir DIR --prompt "a large green star in the center" \
       [--prompt ...] [--negative_prompt "a red circle"] --guidance_scale 5 --out t2i.png
 
-Uses the EMA params of the workdir's latest checkpoint, on whatever devices are present.
+Uses the EMA params of the workdir's latest checkpoint (--checkpoint best: the one the
+trainer kept for `config.eval.best_metric`), on whatever devices are present.
 Options left unset come from the run's `config.sampling`. Labels and prompts are cycled
 over the samples. For runs on the embedded shapes dataset, prints the fidelity judged by
 the dataset's analytic checker: per class, or for text-to-image runs per prompt (without
@@ -19,26 +20,15 @@ import pathlib
 import jax
 import numpy as np
 from absl import app, flags, logging
-from jax.sharding import NamedSharding, PartitionSpec
 
-from genctl_jax import cli
+from genctl_jax import cli, sampling_flags  # noqa: F401 - defines the shared flags
 from genctl_jax.errors import ConfigError
 from genctl_jax.io import images
 from genctl_jax.parallel import distributed
-from genctl_jax.parallel.mesh import BATCH_AXES
 
-flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-flags.DEFINE_integer("num_samples", 16, "Number of images.")
-flags.DEFINE_string("sampler", None, "ddpm or ddim (default: the run's config.sampling).")
-flags.DEFINE_integer("steps", None, "Denoising steps, at most the training T.")
-flags.DEFINE_float("eta", None, "DDIM eta: 0 is deterministic, 1 is DDPM-like.")
-flags.DEFINE_float("guidance_scale", None, "Classifier-free guidance scale; 1 disables it.")
 flags.DEFINE_list("labels", None, "Class ids, cycled over the samples (default: 0, 1, 2, ...).")
 flags.DEFINE_multi_string("prompt", None, "Text-to-image runs: a prompt (repeat the flag).")
-flags.DEFINE_string("negative_prompt", "", "Text-to-image runs: the prompt guidance steers from.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_string("out", None, "PNG file to write (default: WORKDIR/samples.png).")
-flags.mark_flags_as_required(["workdir"])
 
 FLAGS = flags.FLAGS
 
@@ -75,12 +65,13 @@ def _labels(num_classes: int, num_samples: int) -> np.ndarray | None:
 def run() -> None:
     distributed.initialize()
     from genctl_jax.diffusion import samplers
-    from genctl_jax.trainers import saved_run
+    from genctl_jax.trainers import generation, saved_run
     from genctl_jax.trainers.diffusion import DiffusionTask, warn_if_unguidable
 
-    if FLAGS.num_samples < 1:
-        raise ConfigError(f"--num_samples={FLAGS.num_samples}: expected at least 1")
-    loaded = saved_run.load(FLAGS.workdir)
+    n = 16 if FLAGS.num_samples is None else FLAGS.num_samples
+    if n < 1:
+        raise ConfigError(f"--num_samples={n}: expected at least 1")
+    loaded = saved_run.load(FLAGS.workdir, checkpoint=FLAGS.checkpoint)
     config, task = loaded.config, loaded.task
     if not isinstance(task, DiffusionTask):
         raise ConfigError(
@@ -91,19 +82,19 @@ def run() -> None:
     warn_if_unguidable(config, sampling.guidance_scale)
     options = samplers.options_from_config(sampling, config.diffusion)
 
-    # Pad the batch to a multiple of the devices; the extra samples are dropped.
-    n = FLAGS.num_samples
-    padded = -(-n // loaded.mesh.size) * loaded.mesh.size
-    key = jax.random.PRNGKey(FLAGS.seed)
+    # One batch, padded to a multiple of the devices; the extra samples are dropped.
+    padded = -(-n // generation.batch_ways(loaded.mesh)) * generation.batch_ways(loaded.mesh)
     if config.task.name == "text_to_image":
-        prompts = _prompts(config, padded)
-        samples = _sample_text(loaded, prompts, key, padded, options)
+        conditions = prompts = _prompts(config, padded)
     else:
         if FLAGS.prompt or FLAGS.negative_prompt:
             raise ConfigError("--prompt and --negative_prompt need a text-to-image run")
-        labels = _labels(task.num_classes, padded)
-        samples = _sample_labels(loaded, labels, key, padded, options)
-    samples = np.asarray(jax.device_get(samples))[:n]
+        conditions = labels = _labels(task.num_classes, padded)
+    generator = generation.Generator(
+        task, loaded.mesh, options, padded, negative_prompt=FLAGS.negative_prompt
+    )
+    params = generation.with_text_encoder(task, loaded.params)
+    samples = next(generator.draw(params, padded, FLAGS.seed or 0, conditions))[:n]
 
     out = pathlib.Path(FLAGS.out or pathlib.Path(FLAGS.workdir) / "samples.png")
     if jax.process_index() == 0:
@@ -150,37 +141,6 @@ def _prompts(config, count: int) -> list[str]:
     else:
         raise ConfigError("this text-to-image run needs --prompt (repeat it for several)")
     return [given[i % len(given)] for i in range(count)]
-
-
-def _sample_labels(loaded, labels, key, count, options):
-    batch_sharding = NamedSharding(loaded.mesh, PartitionSpec(BATCH_AXES))
-    generate = jax.jit(
-        lambda params, key, labels: loaded.task.generate(params, key, labels, count, options),
-        out_shardings=NamedSharding(loaded.mesh, PartitionSpec()),
-    )
-    with jax.set_mesh(loaded.mesh):
-        label_array = None if labels is None else jax.device_put(labels, batch_sharding)
-        return generate(loaded.params, key, label_array)
-
-
-def _sample_text(loaded, prompts, key, count, options):
-    task = loaded.task
-    params = dict(loaded.params)
-    if "text_encoder" not in params:  # The run read cached embeddings: load the frozen encoder.
-        from genctl_jax.models import text as text_lib
-
-        params["text_encoder"] = text_lib.load_pretrained_params(task.encoder, task.text_config)
-    batch_sharding = NamedSharding(loaded.mesh, PartitionSpec(BATCH_AXES))
-    tokens = [task.tokenize(p) for p in (prompts, [FLAGS.negative_prompt] * count)]
-    generate = jax.jit(
-        lambda params, key, prompt, negative: task.generate_from_tokens(
-            params, key, prompt, negative, count, options
-        ),
-        out_shardings=NamedSharding(loaded.mesh, PartitionSpec()),
-    )
-    with jax.set_mesh(loaded.mesh):
-        prompt, negative = jax.device_put(tokens, batch_sharding)
-        return generate(params, key, prompt, negative)
 
 
 def main(argv):

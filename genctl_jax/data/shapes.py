@@ -78,6 +78,7 @@ __all__ = [
     "make_caption",
     "parse_caption",
     "render_scene",
+    "segment",
 ]
 
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross")
@@ -723,10 +724,14 @@ class _Analysis:
             ]
         )
 
+    def blob(self, colour_id: int) -> np.ndarray:
+        """[S, S] bool: the largest 8-connected blob of pixels of one colour."""
+        return _largest_component(self.hard[colour_id])
+
     def find(self, colour_id: int) -> dict[str, Any] | None:
         """Estimates shape, size, position of the largest blob of one colour (None: absent)."""
         s = self.size
-        blob = _largest_component(self.hard[colour_id])
+        blob = self.blob(colour_id)
         others = self.hard.any(0) & ~self.hard[colour_id]
         support = _dilate(blob) & ~others & (self.resid[..., colour_id] < _RESIDUAL)
         cov = np.where(support, self.alpha[..., colour_id], 0.0).astype(np.float32)
@@ -756,6 +761,34 @@ class _Analysis:
             "area": round(area, 3),
             "iou": round(ious[shape_id], 4),
         }
+
+
+def segment(image: Any, *, value_range: tuple[float, float] | None = None) -> dict[str, Any]:
+    """Analytic segmentation of an image in the dataset's style (the checker's evidence).
+
+    Every palette colour whose largest blob passes the checker's size test is one object, of
+    the shape the checker estimates for it. Returns uint8 [S, S] maps like the example dict's:
+    `segmentation` (0 = background, else 1 + shape_id), `instances` (1 + the object's rank by
+    area, largest first: larger blobs count as nearer where blobs overlap) and `edges` (from
+    `instances`, as the dataset draws them). Image as for `check`.
+    """
+    analysis = _Analysis(_as_float_image(image, value_range))
+    found = []
+    for colour_id in range(NUM_COLOURS):
+        obj = analysis.find(colour_id)
+        if obj is not None:
+            found.append((obj["area"], SHAPES.index(obj["shape"]), analysis.blob(colour_id)))
+    segmentation = np.zeros((analysis.size, analysis.size), np.uint8)
+    instances = np.zeros_like(segmentation)
+    for rank, (_, shape_id, blob) in enumerate(sorted(found, key=lambda f: -f[0])):
+        free = blob & (instances == 0)
+        segmentation[free] = 1 + shape_id
+        instances[free] = 1 + rank
+    return {
+        "segmentation": segmentation,
+        "instances": instances,
+        "edges": edges_from_instances(instances),
+    }
 
 
 def _requests(objects, caption, label) -> list[dict[str, Any]]:

@@ -56,8 +56,11 @@ def caption_fidelity(images, captions) -> dict[str, float]:
     return out
 
 
-def shapes_test_prompts(data_config, n: int) -> list[str]:
-    """Captions of the first `n` examples of the shapes test split (held-out images)."""
+def shapes_test_prompts(data_config, n: int, *, repeat: bool = False) -> list[str]:
+    """Captions of the first `n` examples of the shapes test split (held-out images).
+
+    repeat: cycle the split's captions when it has fewer than `n` (else an error).
+    """
     from genctl_jax.data import sources
 
     source = sources.open_source(
@@ -67,6 +70,10 @@ def shapes_test_prompts(data_config, n: int) -> list[str]:
         data_dir=data_config.data_dir,
         shapes_config=data_config.shapes_config,
     )
-    if n > len(source):
+    if n > len(source) and not repeat:
         raise ValueError(f"the shapes test split has {len(source)} examples, fewer than {n}")
-    return [sources.to_text(source[i]["caption"], where=f"test example {i}") for i in range(n)]
+    held_out = [
+        sources.to_text(source[i]["caption"], where=f"test example {i}")
+        for i in range(min(n, len(source)))
+    ]
+    return [held_out[i % len(held_out)] for i in range(n)]

@@ -25,6 +25,7 @@ from genctl_jax.parallel import mesh as mesh_lib
 from genctl_jax.trainers import state as state_lib
 from genctl_jax.trainers import trainer as trainer_lib
 from genctl_jax.trainers import writer
+from genctl_jax.trainers.saved_run import BEST_CHECKPOINT_DIR
 
 # Fields a resumed run may change without becoming "another config's run".
 RESUMABLE_FIELDS = (
@@ -36,6 +37,7 @@ RESUMABLE_FIELDS = (
     "trainer.keep_checkpoints",
     "trainer.async_checkpoints",
     "trainer.sample_every",
+    "eval.",
     "trainer.num_samples",
     "trainer.progress_bar",
     "trainer.max_nonfinite_steps",
@@ -43,7 +45,16 @@ RESUMABLE_FIELDS = (
     "data.prefetch",
     "data.worker_threads",
 )
-RUN_OUTPUTS = ("checkpoints", CORRUPT_DIR, "tb", "samples", "metrics.jsonl", "config.json")
+RUN_OUTPUTS = (
+    "checkpoints",
+    CORRUPT_DIR,
+    BEST_CHECKPOINT_DIR,
+    "eval",
+    "tb",
+    "samples",
+    "metrics.jsonl",
+    "config.json",
+)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -172,6 +183,12 @@ def train_and_evaluate(
             images.save_png(workdir / "samples" / f"step_{step_number:08d}.png", grid)
         metrics_out.write_image(step_number, "samples", grid)
 
+    evaluate = None
+    if config.eval.every_steps:
+        from genctl_jax.trainers.periodic_eval import PeriodicEvaluation
+
+        evaluate = PeriodicEvaluation(config, workdir, mesh, task)
+
     # ---- Loop. Metrics of step k are read while step k+1 runs; batches are read, prepared
     # and placed on a thread, while the step runs.
     t = config.trainer
@@ -201,11 +218,17 @@ def train_and_evaluate(
                 checkpointer.save(step_number, state, data_state)
             if t.sample_every and (step_number % t.sample_every == 0 or step_number == total_steps):
                 write_samples(step_number)
+            every = config.eval.every_steps
+            if evaluate and (step_number % every == 0 or step_number == total_steps):
+                scores = evaluate(step_number, state, data_state)
+                metrics_out.write_scalars(step_number, {f"eval/{k}": v for k, v in scores.items()})
         if pending is not None:
             _check_finite(*pending, t.max_nonfinite_steps)
     finally:
         batches.close()
         checkpointer.close()
+        if evaluate:
+            evaluate.close()
         metrics_out.close()
         data.close()
     return state

@@ -31,9 +31,24 @@ class SavedRun:
     step: int  # The checkpoint's step.
 
 
-def load(workdir: str | pathlib.Path, devices: Sequence[jax.Device] | None = None) -> SavedRun:
-    """Restores the latest checkpoint of `workdir`, preferring EMA params, replicated."""
+# Where the trainer keeps the checkpoint that scored best (`config.eval.best_metric`).
+BEST_CHECKPOINT_DIR = "best_checkpoint"
+
+
+def load(
+    workdir: str | pathlib.Path,
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    checkpoint: str = "latest",
+) -> SavedRun:
+    """Restores a checkpoint of `workdir`, preferring EMA params, replicated.
+
+    checkpoint: 'latest' (of WORKDIR/checkpoints) or 'best' (WORKDIR/best_checkpoint, kept by
+    the trainer's periodic evaluation for `config.eval.best_metric`).
+    """
     workdir = pathlib.Path(workdir)
+    if checkpoint not in ("latest", "best"):
+        raise CheckpointError(f"checkpoint={checkpoint!r}: expected 'latest' or 'best'")
     config_file = workdir / "config.json"
     if not config_file.exists():
         raise CheckpointError(
@@ -50,7 +65,13 @@ def load(workdir: str | pathlib.Path, devices: Sequence[jax.Device] | None = Non
     channels = config.model.get("in_channels", 3)
     example = {"image": jax.ShapeDtypeStruct((1, size, size, channels), jax.numpy.float32)}
     layout = state_lib.layout(task, optimizers, config, mesh, example)
-    checkpointer = Checkpointer(workdir / "checkpoints")
+    directory = workdir / ("checkpoints" if checkpoint == "latest" else BEST_CHECKPOINT_DIR)
+    if checkpoint == "best" and not directory.exists():
+        raise CheckpointError(
+            f"{workdir} has no best checkpoint ({directory}): the trainer keeps one when "
+            f"config.eval.every_steps > 0 and config.eval.best_metric is set"
+        )
+    checkpointer = Checkpointer(directory)
     try:
         restored = checkpointer.restore(layout.abstract)
     finally:
