@@ -32,7 +32,9 @@ from genctl_jax import cli, sampling_flags  # noqa: F401 - defines the shared fl
 from genctl_jax.errors import ConfigError
 from genctl_jax.parallel import distributed
 
-flags.DEFINE_list("metrics", None, "Some of fid,kid,is,clip,fidelity (default: config.eval).")
+flags.DEFINE_list(
+    "metrics", None, "Some of fid,kid,is,clip,fidelity,control (default: config.eval)."
+)
 flags.DEFINE_string(
     "reference",
     None,

@@ -254,3 +254,26 @@ def test_reference_images_resize_mixed_sizes_convert_grey_and_refuse_too_few(tmp
     for bad in ("cifar10", "stats:", ""):
         with pytest.raises(ConfigError, match=r"expected 'shapes\[:SPLIT\]'"):
             evaluation.parse_reference(bad)
+
+
+def test_control_and_fidelity_metrics_through_the_evaluator_interface():
+    from genctl_jax.data import shapes
+
+    examples = [shapes.generate_example(i, seed=5, image_size=32, max_objects=3) for i in range(16)]
+    images = np.stack([e["image"] for e in examples]).astype(np.float32) / 127.5 - 1.0
+    labels = np.array([e["label"] for e in examples])
+    maps = {k: np.stack([e[k] for e in examples]) for k in ("segmentation", "edges")}
+    evaluator = evaluation.Evaluator(
+        metrics=("fidelity", "control"),
+        mesh=None,
+        data_config=configlib.load_config("configs/shapes_diffusion.py").data,
+        batch_size=8,
+    )
+    right = evaluator.evaluate(images, labels, maps)
+    wrong = evaluator.evaluate(images, labels, {k: np.roll(v, 1, 0) for k, v in maps.items()})
+    print(f"dataset images against their own controls: {right}\nshuffled controls: {wrong}")
+    assert right["fidelity/class"] > 0.9
+    assert right["control/segmentation_miou"] > 0.95 and right["control/edge_f1"] > 0.95
+    assert wrong["control/segmentation_miou"] < 0.3 and wrong["control/edge_f1"] < 0.3
+    with pytest.raises(ConfigError, match="takes no control input"):
+        evaluator.evaluate(images, labels)

@@ -6,6 +6,8 @@ Metrics (`METRICS`):
   is        Inception Score of the samples (logits over all 1008 outputs, 10 splits).
   clip      CLIP score of the samples against their prompts (text-to-image runs).
   fidelity  The embedded shapes dataset's analytic checker: class or caption fidelity.
+  control   Control fidelity on the shapes dataset: the samples' segmentation mIoU and edge
+            F1 against the control maps they were generated from (`metrics.control`).
 
 `fid`, `kid` and `is` run the FID InceptionV3 (`models.inception`, weights from
 `inception_weights`); `clip` a transformers CLIPModel directory (`clip_model`). Features are
@@ -40,7 +42,7 @@ from ml_collections.config_dict import placeholder
 from genctl_jax.errors import ConfigError
 from genctl_jax.metrics import distribution
 
-METRICS = ("fid", "kid", "is", "clip", "fidelity")
+METRICS = ("fid", "kid", "is", "clip", "fidelity", "control")
 INCEPTION_METRICS = ("fid", "kid", "is")
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -108,6 +110,7 @@ def scalar_names(metrics: Sequence[str]) -> list[str]:
         "is": ["inception_score", "inception_score_std"],
         "clip": ["clip_score"],
         "fidelity": ["fidelity/class", "fidelity/colour_shape"],
+        "control": ["control/segmentation_miou", "control/edge_f1"],
     }
     return [n for m in metrics for n in names[m]]
 
@@ -312,9 +315,10 @@ class Evaluator:
                     f"KID compares features, and reference {self._reference.spec!r} holds only "
                     f"statistics; use a dataset reference (shapes, tfds:..., folder:...) for kid"
                 )
-        if "fidelity" in self.metrics and self.data_config.name != "shapes":
+        checked = [m for m in ("fidelity", "control") if m in self.metrics]
+        if checked and self.data_config.name != "shapes":
             raise ConfigError(
-                f"the fidelity metric needs the shapes dataset's analytic checker; this run "
+                f"the {checked[0]} metric needs the shapes dataset's analytic checker; this run "
                 f"trains on {self.data_config.name!r}"
             )
         if "clip" in self.metrics and not self.clip_model:
@@ -339,9 +343,16 @@ class Evaluator:
             )
         return self._references[n]
 
-    def evaluate(self, samples: np.ndarray, conditions: Sequence | None = None) -> dict[str, float]:
-        """Scalars of every metric for [n, S, S, 3] samples in [-1, 1] and their labels or
-        prompts (None for an unconditional run)."""
+    def evaluate(
+        self,
+        samples: np.ndarray,
+        conditions: Sequence | None = None,
+        controls: Mapping[str, np.ndarray] | None = None,
+    ) -> dict[str, float]:
+        """Scalars of every metric for [n, S, S, 3] samples in [-1, 1], their labels or
+        prompts (None for an unconditional run) and, for `control`, the control maps they
+        were generated from ({'segmentation': [n, S, S], 'edges': [n, S, S]}, either or both).
+        """
         n = len(samples)
         out: dict[str, float] = {}
         if set(INCEPTION_METRICS) & set(self.metrics):
@@ -364,6 +375,18 @@ class Evaluator:
             out["clip_score"] = self._clip_score(samples, conditions)
         if "fidelity" in self.metrics:
             out.update(self._fidelity(samples, conditions))
+        if "control" in self.metrics:
+            from genctl_jax.metrics import control
+
+            if not controls:
+                raise ConfigError(
+                    "the control metric scores samples against the control maps they were "
+                    "generated from; this run takes no control input"
+                )
+            scores = control.shapes_control_fidelity(
+                samples, controls.get("segmentation"), controls.get("edges")
+            )
+            out.update({f"control/{k}": v for k, v in scores.items()})
         return out
 
     def _clip_score(self, samples, prompts) -> float:
