@@ -233,11 +233,13 @@ def run() -> None:
         "num_samples": e.num_samples,
         "seed": e.seed,
         "negative_prompt": FLAGS.negative_prompt,
-        "reference": e.reference or config.data.name,
-        "num_reference": e.num_reference or e.num_samples,
-        "inception_precision": e.inception_precision,
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
+    if {"fid", "kid"} & set(e.metrics):
+        report["reference"] = e.reference or config.data.name
+        report["num_reference"] = e.num_reference or e.num_samples
+    if set(evaluation.INCEPTION_METRICS) & set(e.metrics):
+        report["inception_precision"] = e.inception_precision
     if sweep:
         report["sweep"] = {"field": sweep[0], "values": values}
         report["results"] = rows

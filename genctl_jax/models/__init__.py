@@ -12,6 +12,7 @@ from genctl_jax.errors import ConfigError
 # config.model.name -> module implementing it (imported on demand).
 MODELS = {
     "autoencoder": "genctl_jax.models.autoencoder",
+    "controlnet": "genctl_jax.models.controlnet",
     "unet": "genctl_jax.models.unet",
 }
 

@@ -29,6 +29,14 @@ of diffusers' `UNet2DConditionModel`; `models.unet_diffusers` converts its weigh
 embedding injection (`scale_shift_norm=False`), 8 heads at every level, cross-attention at
 the first three levels. Heads: `num_heads` fixed per block, or `head_dim` channels each.
 
+ControlNet: `UNetTrunk` holds the fields and the part a ControlNet copies (`encode`: the
+embeddings, `conv_in`, the down path and the middle); `UNet` adds the up path and `conv_out`,
+and `models.controlnet.ControlNet` the condition's hint encoder and zero convs, so both name
+their trunk parameters alike. `UNet.__call__` takes a ControlNet's outputs as `down_residuals`
+(one per skip, `num_skips` of them, added to the skips in the order the down path made them)
+and `mid_residual` (added to the middle block's output), as diffusers' UNet2DConditionModel
+takes `down_block_additional_residuals` and `mid_block_additional_residual`.
+
 Zero initialisation (DDPM and ADM; LDM for `proj_out`): the last conv of every ResBlock, the
 output projection of every attention block, the `proj_out` of every transformer and
 `conv_out` start at zero, so a fresh UNet outputs exactly zero and each residual block starts
@@ -47,9 +55,11 @@ the class table.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import ml_collections
 
@@ -168,15 +178,16 @@ def ddpm_cifar10_config() -> ml_collections.ConfigDict:
     return m
 
 
-class UNet(nn.Module):
-    """eps/x0/v predictor: (x [B,H,W,C], t [B], labels [B] | None) -> [B,H,W,out_channels].
+class UNetTrunk(nn.Module):
+    """The part of the UNet that a ControlNet copies: embeddings, `conv_in`, down path, middle.
 
-    Text-conditional variants (`context_dim`/`pooled_dim` > 0) also take the keyword inputs
-    `context`, `context_mask` and `pooled` (see `__call__`).
+    Holds the fields and `encode`, shared by `UNet` and `models.controlnet.ControlNet`; not
+    called on its own. `encode` runs from a subclass's compact `__call__`, so its layers are
+    created in, and named under, that module (`conv_in`, `time_embed`, `down_{l}_res_{i}`,
+    `mid_attn`, ...): a ControlNet's copy has the UNet's parameter names.
     """
 
     in_channels: int = 3  # Channels of the noisy input image.
-    out_channels: int = 3  # Channels of the prediction.
     channels: int = 128  # Base width.
     channel_mult: Sequence[int] = (1, 2, 2, 2)  # Width multiplier per level.
     num_res_blocks: int = 2  # ResBlocks per level on the way down.
@@ -199,8 +210,7 @@ class UNet(nn.Module):
     def heads_for(self, width: int) -> int:
         return self.num_heads if self.head_dim <= 0 else width // self.head_dim
 
-    @nn.compact
-    def __call__(
+    def encode(
         self,
         x,
         t,
@@ -210,55 +220,23 @@ class UNet(nn.Module):
         context_mask=None,
         pooled=None,
         train: bool = False,
-    ):
-        """x [B, H, W, in_channels] float, t [B] int or float timesteps, labels [B] int32 in
-        [0, num_classes] (num_classes = the null class) or None (all null) when
-        class-conditional, None otherwise; with `context_dim` > 0, context [B, L, context_dim]
-        float text tokens and context_mask [B, L] int/bool (1 = a token, 0 = padding; None: all
-        tokens; a row without tokens gets no cross-attention); with `pooled_dim` > 0, pooled
-        [B, pooled_dim] float -> [B, H, W, out_channels] float32."""
-        if x.ndim != 4 or x.shape[-1] != self.in_channels:
-            raise ValueError(f"x has shape {x.shape}; expected [B, H, W, {self.in_channels}]")
+        hint=None,
+    ) -> tuple[jax.Array, list[jax.Array], Layers]:
+        """The embeddings, conv_in, down path and middle block (inputs as `UNet.__call__`).
+
+        hint: an optional [B, H/p, W/p, channels] feature map added to conv_in's output (a
+        ControlNet's encoded condition). Returns (h, skips, layers): the middle block's output,
+        the skips in the order the down path made them (conv_in's output (+ hint), then every
+        ResBlock / attention pair and every downsample), and the block factories bound to this
+        call's embedding and text, for the layers that follow.
+        """
+        self.check_x(x)
         batch = x.shape[0]
         if jnp.shape(t) != (batch,):
             raise ValueError(f"t has shape {jnp.shape(t)}; expected [{batch}]")
         context, context_mask = self._text_inputs(context, context_mask, batch)
-        res_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-        attn_cls = nn.remat(AttentionBlock) if self.remat else AttentionBlock
-        transformer_cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
         dt = self.dtype
         mults = tuple(self.channel_mult)
-        attn_res = tuple(self.attention_resolutions)
-        attn_levels = tuple(self.attention_levels)
-
-        def res_block(h, features, name, resample="none"):
-            block = res_cls(
-                features,
-                dropout=self.dropout,
-                scale_shift_norm=self.scale_shift_norm,
-                resample=resample,
-                norm_groups=NORM_GROUPS,
-                dtype=dt,
-                name=name,
-            )
-            return block(h, emb, train)
-
-        def has_attention(h, level):
-            return level in attn_levels or h.shape[1] in attn_res
-
-        def attention(h, name):
-            heads = self.heads_for(h.shape[-1])
-            if self.context_dim > 0:
-                block = transformer_cls(
-                    heads,
-                    depth=self.transformer_depth,
-                    linear_projection=self.use_linear_projection,
-                    norm_groups=NORM_GROUPS,
-                    dtype=dt,
-                    name=name,
-                )
-                return block(h, context, context_mask)
-            return attn_cls(heads, dtype=dt, norm_groups=NORM_GROUPS, name=name)(h)
 
         # Timestep (+ class, + pooled text) embedding.
         emb_dim = 4 * self.channels
@@ -288,50 +266,42 @@ class UNet(nn.Module):
                 "pooled=None"
             )
         emb = nn.with_logical_constraint(emb, ("batch", "channels"))
+        layers = Layers(self, emb, context, context_mask, train)
 
         # Down path.
         x = _fold(x, self.patch_size)
         h = constrain_image(conv(self.channels, dtype=dt, name="conv_in")(x.astype(dt)))
+        if hint is not None:
+            if hint.shape != h.shape:
+                raise ValueError(
+                    f"hint has shape {hint.shape}; expected {h.shape}, conv_in's output"
+                )
+            h = constrain_image(h + hint.astype(dt))
         skips = [h]
         for level, mult in enumerate(mults):
             for i in range(self.num_res_blocks):
-                h = res_block(h, self.channels * mult, f"down_{level}_res_{i}")
-                if has_attention(h, level):
-                    h = attention(h, f"down_{level}_attn_{i}")
+                h = layers.res_block(h, self.channels * mult, f"down_{level}_res_{i}")
+                if layers.has_attention(h, level):
+                    h = layers.attention(h, f"down_{level}_attn_{i}")
                 skips.append(h)
             if level < len(mults) - 1:
                 name = f"down_{level}_downsample"
                 if self.resblock_updown:
-                    h = res_block(h, h.shape[-1], name, resample="down")
+                    h = layers.res_block(h, h.shape[-1], name, resample="down")
                 else:
                     h = Downsample(h.shape[-1], dtype=dt, name=name)(h)
                 skips.append(h)
 
         # Middle.
-        h = res_block(h, h.shape[-1], "mid_res_0")
-        h = attention(h, "mid_attn")
-        h = res_block(h, h.shape[-1], "mid_res_1")
+        h = layers.res_block(h, h.shape[-1], "mid_res_0")
+        h = layers.attention(h, "mid_attn")
+        h = layers.res_block(h, h.shape[-1], "mid_res_1")
+        return h, skips, layers
 
-        # Up path.
-        for level, mult in reversed(list(enumerate(mults))):
-            for i in range(self.num_res_blocks + 1):
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
-                h = res_block(h, self.channels * mult, f"up_{level}_res_{i}")
-                if has_attention(h, level):
-                    h = attention(h, f"up_{level}_attn_{i}")
-            if level > 0:
-                name = f"up_{level}_upsample"
-                if self.resblock_updown:
-                    h = res_block(h, h.shape[-1], name, resample="up")
-                else:
-                    h = Upsample(h.shape[-1], dtype=dt, name=name)(h)
-
-        h = nn.silu(
-            group_norm(h.shape[-1], groups_for(h.shape[-1], NORM_GROUPS), name="norm_out")(h)
-        )
-        p = self.patch_size
-        out = conv(self.out_channels * p * p, dtype=dt, kernel_init=ZEROS, name="conv_out")(h)
-        return _unfold(out.astype(jnp.float32), p)
+    def check_x(self, x) -> None:
+        """Raises ValueError unless x is [B, H, W, in_channels]."""
+        if x.ndim != 4 or x.shape[-1] != self.in_channels:
+            raise ValueError(f"x has shape {x.shape}; expected [B, H, W, {self.in_channels}]")
 
     def _text_inputs(self, context, context_mask, batch: int):
         """Checks `context` and `context_mask`; returns them with the mask as bool (or None)."""
@@ -361,6 +331,162 @@ class UNet(nn.Module):
                 f"{tuple(context.shape[:2])}, one entry per context token"
             )
         return context, jnp.asarray(context_mask).astype(bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """The UNet's ResBlocks and attention blocks bound to one call's embedding and text.
+
+    Blocks are created in the scope of the module whose compact method is running (`module`'s
+    `__call__`), under the names given.
+    """
+
+    module: UNetTrunk  # Supplies the configuration (widths, heads, dropout, remat, dtype).
+    emb: jax.Array  # [B, 4 x channels] timestep (+ class, + pooled) embedding.
+    context: jax.Array | None  # [B, L, context_dim] text tokens, or None.
+    context_mask: jax.Array | None  # [B, L] bool, or None (all tokens).
+    train: bool  # Dropout active.
+
+    def res_block(self, h, features: int, name: str, resample: str = "none"):
+        m = self.module
+        cls = nn.remat(ResBlock, static_argnums=(3,)) if m.remat else ResBlock
+        block = cls(
+            features,
+            dropout=m.dropout,
+            scale_shift_norm=m.scale_shift_norm,
+            resample=resample,
+            norm_groups=NORM_GROUPS,
+            dtype=m.dtype,
+            name=name,
+        )
+        return block(h, self.emb, self.train)
+
+    def has_attention(self, h, level: int) -> bool:
+        m = self.module
+        return level in tuple(m.attention_levels) or h.shape[1] in tuple(m.attention_resolutions)
+
+    def attention(self, h, name: str):
+        m = self.module
+        heads = m.heads_for(h.shape[-1])
+        if m.context_dim > 0:
+            cls = nn.remat(SpatialTransformer) if m.remat else SpatialTransformer
+            block = cls(
+                heads,
+                depth=m.transformer_depth,
+                linear_projection=m.use_linear_projection,
+                norm_groups=NORM_GROUPS,
+                dtype=m.dtype,
+                name=name,
+            )
+            return block(h, self.context, self.context_mask)
+        cls = nn.remat(AttentionBlock) if m.remat else AttentionBlock
+        return cls(heads, dtype=m.dtype, norm_groups=NORM_GROUPS, name=name)(h)
+
+
+class UNet(UNetTrunk):
+    """eps/x0/v predictor: (x [B,H,W,C], t [B], labels [B] | None) -> [B,H,W,out_channels].
+
+    Text-conditional variants (`context_dim`/`pooled_dim` > 0) also take the keyword inputs
+    `context`, `context_mask` and `pooled`; a ControlNet's outputs enter as `down_residuals` and
+    `mid_residual` (see `__call__`). The fields other than `out_channels` are `UNetTrunk`'s.
+    """
+
+    out_channels: int = 3  # Channels of the prediction.
+
+    @nn.compact
+    def __call__(
+        self,
+        x,
+        t,
+        labels=None,
+        *,
+        context=None,
+        context_mask=None,
+        pooled=None,
+        down_residuals=None,
+        mid_residual=None,
+        train: bool = False,
+    ):
+        """x [B, H, W, in_channels] float, t [B] int or float timesteps, labels [B] int32 in
+        [0, num_classes] (num_classes = the null class) or None (all null) when
+        class-conditional, None otherwise; with `context_dim` > 0, context [B, L, context_dim]
+        float text tokens and context_mask [B, L] int/bool (1 = a token, 0 = padding; None: all
+        tokens; a row without tokens gets no cross-attention); with `pooled_dim` > 0, pooled
+        [B, pooled_dim] float -> [B, H, W, out_channels] float32.
+
+        down_residuals: None, or one array per skip (`num_skips`: conv_in's output, then each
+        down block's), each of its skip's shape, added to the skips before the up path uses
+        them; mid_residual: None, or an array of the middle block's output shape, added to it.
+        A ControlNet's outputs (diffusers' `down_block_additional_residuals` and
+        `mid_block_additional_residual`).
+        """
+        h, skips, layers = self.encode(
+            x,
+            t,
+            labels,
+            context=context,
+            context_mask=context_mask,
+            pooled=pooled,
+            train=train,
+        )
+        dt = self.dtype
+        mults = tuple(self.channel_mult)
+        if down_residuals is not None:
+            skips = _add_residuals(skips, down_residuals)
+        if mid_residual is not None:
+            if jnp.shape(mid_residual) != h.shape:
+                raise ValueError(
+                    f"mid_residual has shape {jnp.shape(mid_residual)}; expected {h.shape}, the "
+                    f"middle block's output"
+                )
+            h = constrain_image(h + mid_residual.astype(h.dtype))
+
+        # Up path.
+        for level, mult in reversed(list(enumerate(mults))):
+            for i in range(self.num_res_blocks + 1):
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+                h = layers.res_block(h, self.channels * mult, f"up_{level}_res_{i}")
+                if layers.has_attention(h, level):
+                    h = layers.attention(h, f"up_{level}_attn_{i}")
+            if level > 0:
+                name = f"up_{level}_upsample"
+                if self.resblock_updown:
+                    h = layers.res_block(h, h.shape[-1], name, resample="up")
+                else:
+                    h = Upsample(h.shape[-1], dtype=dt, name=name)(h)
+
+        h = nn.silu(
+            group_norm(h.shape[-1], groups_for(h.shape[-1], NORM_GROUPS), name="norm_out")(h)
+        )
+        p = self.patch_size
+        out = conv(self.out_channels * p * p, dtype=dt, kernel_init=ZEROS, name="conv_out")(h)
+        return _unfold(out.astype(jnp.float32), p)
+
+
+def num_skips(module: UNetTrunk) -> int:
+    """How many skips the down path keeps: conv_in's output, one per down ResBlock, one per
+    downsample (the count of a ControlNet's down residuals)."""
+    levels = len(tuple(module.channel_mult))
+    return 1 + levels * module.num_res_blocks + levels - 1
+
+
+def _add_residuals(skips: list, residuals) -> list:
+    """`skips` with `residuals` (a sequence, one per skip, same shapes) added in order."""
+    residuals = list(residuals)
+    if len(residuals) != len(skips):
+        raise ValueError(
+            f"down_residuals has {len(residuals)} arrays; this UNet keeps {len(skips)} skips "
+            f"(conv_in's output, then each down block's), one residual each"
+        )
+    out = []
+    for i, (skip, residual) in enumerate(zip(skips, residuals, strict=True)):
+        if jnp.shape(residual) != skip.shape:
+            raise ValueError(
+                f"down_residuals[{i}] has shape {jnp.shape(residual)}; expected {skip.shape}, "
+                f"the shape of skip {i}"
+            )
+        out.append(constrain_image(skip + residual.astype(skip.dtype)))
+    return out
 
 
 def _fold(x, p: int):

@@ -16,6 +16,15 @@ attentions.0, resnets.1}`, `up_{l}_*` <- `up_blocks.{levels - 1 - l}.*`; in a tr
 `block_{j}` <- `transformer_blocks.{j}` with `self_attn`/`cross_attn`/`ff` <- `attn1`/`attn2`/`ff`.
 A diffusers class table of N rows becomes `num_classes = N - 1`: our last row is the null
 class used when `labels` is None.
+
+diffusers' `ControlNetModel` <-> `models.controlnet` (`controlnet_config_from_diffusers`,
+`controlnet_weight_map`, `load_diffusers_controlnet`, `save_diffusers_controlnet`): its trunk
+(conv_in, embeddings, down blocks, middle) has the UNet's keys and goes through the same
+per-block maps; `controlnet_cond_embedding.{conv_in, blocks.{k}, conv_out}` <-
+`hint_encoder/{conv_in, conv_{k}, conv_out}`, `controlnet_down_blocks.{k}` <- `zero_conv_{k}`,
+`controlnet_mid_block` <- `zero_conv_mid`. Its hint encoder halves the resolution at every
+step, so `conditioning_factor` = 2 ** (len(conditioning_embedding_out_channels) - 1).
+Refused: `global_pool_conditions`, BGR channel order, a middle block without attention.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import ml_collections
 from genctl_jax.errors import ConfigError
 from genctl_jax.io import hf_weights
 from genctl_jax.io.hf_weights import Tensor
-from genctl_jax.models import unet
+from genctl_jax.models import controlnet, unet
 
 DIFFUSERS_CLASS = "UNet2DConditionModel"
 STEM = "diffusion_pytorch_model"
@@ -354,17 +363,16 @@ def _transformer(ours: str, theirs: str, m) -> list[Tensor]:
     return out
 
 
-def weight_map(model_config) -> list[Tensor]:
-    """One `Tensor` per parameter of `unet.from_config(model_config)`, keyed as in diffusers."""
-    m = _diffusers_layout(model_config)
+def _trunk_tensors(m) -> tuple[list[Tensor], int, list[int]]:
+    """The tensors of `unet.UNetTrunk.encode`'s layers (embeddings, conv_in, down path, middle),
+    named as in both `UNet2DConditionModel` and `ControlNetModel`; with the middle's width and
+    the width of every skip, in order."""
     widths = [m.channels * k for k in m.channel_mult]
     n, levels = len(widths), set(m.attention_levels)
     tensors = [
         *_conv(("conv_in",), "conv_in"),
         *_linear(("time_embed", "dense_0"), "time_embedding.linear_1"),
         *_linear(("time_embed", "dense_1"), "time_embedding.linear_2"),
-        *_norm(("norm_out",), "conv_norm_out"),
-        *_conv(("conv_out",), "conv_out"),
     ]
     if m.num_classes:
         tensors.append(Tensor(("class_embed", "embedding"), "class_embedding.weight"))
@@ -372,7 +380,8 @@ def weight_map(model_config) -> list[Tensor]:
         tensors += _linear(("pooled_embed", "dense_0"), "class_embedding.linear_1")
         tensors += _linear(("pooled_embed", "dense_1"), "class_embedding.linear_2")
 
-    # Walk the UNet as `unet.UNet` does, tracking widths to know which ResBlocks have a skip conv.
+    # Walk the down path as `unet.UNetTrunk.encode` does, tracking widths to know which
+    # ResBlocks have a skip conv.
     h, skips = widths[0], [widths[0]]
     for level, width in enumerate(widths):
         src = f"down_blocks.{level}"
@@ -388,6 +397,16 @@ def weight_map(model_config) -> list[Tensor]:
     tensors += _resnet("mid_res_0", "mid_block.resnets.0", False)
     tensors += _transformer("mid_attn", "mid_block.attentions.0", m)
     tensors += _resnet("mid_res_1", "mid_block.resnets.1", False)
+    return tensors, h, skips
+
+
+def weight_map(model_config) -> list[Tensor]:
+    """One `Tensor` per parameter of `unet.from_config(model_config)`, keyed as in diffusers."""
+    m = _diffusers_layout(model_config)
+    widths = [m.channels * k for k in m.channel_mult]
+    n, levels = len(widths), set(m.attention_levels)
+    tensors, h, skips = _trunk_tensors(m)
+    tensors += [*_norm(("norm_out",), "conv_norm_out"), *_conv(("conv_out",), "conv_out")]
     for level in reversed(range(n)):
         src = f"up_blocks.{n - 1 - level}"
         for i in range(m.num_res_blocks + 1):
@@ -458,4 +477,195 @@ def save_diffusers(
         params = params["params"]
     tensors = hf_weights.export_params(weight_map(model_config), params)
     config = diffusers_config(model_config, sample_size)
+    return hf_weights.save_checkpoint(directory, tensors, config, stem=STEM, overwrite=overwrite)
+
+
+# --- ControlNetModel <-> models.controlnet ----------------------------------------------------
+
+CONTROLNET_CLASS = "ControlNetModel"
+CONTROLNET_HINT = "controlnet_cond_embedding"
+# ControlNetModel's own keys whose other values models.controlnet does not implement.
+_CONTROLNET_FIXED = {
+    "controlnet_conditioning_channel_order": ("rgb",),
+    "global_pool_conditions": (False,),
+}
+# UNet2DConditionModel keys that ControlNetModel does not take (from_pretrained ignores them).
+_UNET_ONLY = (
+    "attention_type",
+    "center_input_sample",
+    "class_embeddings_concat",
+    "conv_in_kernel",
+    "conv_out_kernel",
+    "cross_attention_norm",
+    "dropout",
+    "dual_cross_attention",
+    "mid_block_only_cross_attention",
+    "out_channels",
+    "resnet_out_scale_factor",
+    "resnet_skip_time_act",
+    "reverse_transformer_layers_per_block",
+    "sample_size",
+    "time_cond_proj_dim",
+    "time_embedding_act_fn",
+    "time_embedding_dim",
+    "time_embedding_type",
+    "timestep_post_act",
+    "up_block_types",
+)
+_CONTROLNET_DEFAULTS = {
+    "conditioning_channels": 3,
+    "conditioning_embedding_out_channels": (16, 32, 96, 256),
+}
+
+
+def controlnet_config_from_diffusers(
+    diffusers_config: Mapping[str, Any],
+) -> ml_collections.ConfigDict:
+    """Our ControlNet `config.model` for a diffusers `ControlNetModel` config (its config.json).
+
+    The trunk keys are read as `config_from_diffusers` reads a UNet's; the hint encoder halves
+    the resolution at every step, so `conditioning_factor` = 2 ** (steps).
+    """
+    d = {k: v for k, v in diffusers_config.items() if k not in _UNET_ONLY}
+    name = d.pop("_class_name", CONTROLNET_CLASS)
+    if name != CONTROLNET_CLASS:
+        raise ConfigError(
+            f"config.json: _class_name={name!r}; this converter reads only {CONTROLNET_CLASS} "
+            f"(a {DIFFUSERS_CLASS} loads with load_diffusers)"
+        )
+    for key, accepted in _CONTROLNET_FIXED.items():
+        value = d.pop(key, accepted[0])
+        if value not in accepted:
+            raise ConfigError(
+                f"config.json: {key}={value!r} is not supported by models.controlnet; accepted: "
+                f"{' or '.join(map(repr, accepted))}"
+            )
+    channels = d.pop("conditioning_channels", _CONTROLNET_DEFAULTS["conditioning_channels"])
+    key = "conditioning_embedding_out_channels"
+    hint = d.pop(key, _CONTROLNET_DEFAULTS[key])
+    if not unet._is_int(channels) or channels < 1:
+        raise ConfigError(
+            f"config.json: conditioning_channels={channels!r}: expected an integer >= 1"
+        )
+    if not isinstance(hint, list | tuple) or not hint or not all(unet._is_int(w) for w in hint):
+        raise ConfigError(f"config.json: {key}={hint!r}: expected a non-empty list of integers")
+    # A ControlNetModel has no up path: read the trunk as a UNet whose up path mirrors it.
+    down = d.get("down_block_types", _DEFAULTS["down_block_types"])
+    if isinstance(down, list | tuple):
+        d["up_block_types"] = [CROSS_UP if k == CROSS_DOWN else PLAIN_UP for k in reversed(down)]
+    d["out_channels"] = d.get("in_channels", _DEFAULTS["in_channels"])
+    base = config_from_diffusers({**d, "_class_name": DIFFUSERS_CLASS})
+    return controlnet.config_from_unet(
+        base,
+        conditioning_channels=channels,
+        hint_channels=tuple(hint),
+        conditioning_factor=2 ** (len(hint) - 1),
+    )
+
+
+def _controlnet_layout(model_config) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """(ControlNet config with defaults, its trunk as a UNet config), refusing what diffusers'
+    ControlNetModel cannot express."""
+    m = controlnet._with_defaults(model_config)
+    steps = len(m.hint_channels) - 1
+    if m.conditioning_factor != 2**steps:
+        raise ConfigError(
+            f"config.model.conditioning_factor={m.conditioning_factor} with hint_channels="
+            f"{tuple(m.hint_channels)} has no equivalent in diffusers' ControlNetModel, whose "
+            f"hint encoder halves the resolution at each of its {steps} steps; expected "
+            f"conditioning_factor={2**steps} (or {m.conditioning_factor.bit_length()} "
+            f"hint_channels)"
+        )
+    return m, _diffusers_layout(controlnet.unet_config(m))
+
+
+def diffusers_controlnet_config(model_config) -> dict[str, Any]:
+    """The diffusers `ControlNetModel` config.json of our ControlNet `config.model`."""
+    m, base = _controlnet_layout(model_config)
+    config = diffusers_config(base)
+    for key in _UNET_ONLY:
+        config.pop(key, None)
+    config.update(
+        _class_name=CONTROLNET_CLASS,
+        conditioning_channels=m.conditioning_channels,
+        conditioning_embedding_out_channels=list(m.hint_channels),
+        controlnet_conditioning_channel_order="rgb",
+        global_pool_conditions=False,
+    )
+    return config
+
+
+def controlnet_weight_map(model_config) -> list[Tensor]:
+    """One `Tensor` per parameter of `controlnet.from_config(model_config)`, keyed as in
+    diffusers' `ControlNetModel`: the trunk as in `weight_map`, `hint_encoder/conv_in`,
+    `conv_{k}`, `conv_out` <- `controlnet_cond_embedding.conv_in`, `blocks.{k}`, `conv_out`,
+    `zero_conv_{k}` <- `controlnet_down_blocks.{k}`, `zero_conv_mid` <- `controlnet_mid_block`."""
+    m, base = _controlnet_layout(model_config)
+    tensors, _, skips = _trunk_tensors(base)
+    hint = controlnet.HINT_ENCODER
+    tensors += _conv((hint, "conv_in"), f"{CONTROLNET_HINT}.conv_in")
+    for k in range(2 * (len(m.hint_channels) - 1)):
+        tensors += _conv((hint, f"conv_{k}"), f"{CONTROLNET_HINT}.blocks.{k}")
+    tensors += _conv((hint, "conv_out"), f"{CONTROLNET_HINT}.conv_out")
+    for k in range(len(skips)):
+        tensors += _conv((f"{controlnet.ZERO_CONV_PREFIX}{k}",), f"controlnet_down_blocks.{k}")
+    tensors += _conv((f"{controlnet.ZERO_CONV_PREFIX}mid",), "controlnet_mid_block")
+    return tensors
+
+
+def load_diffusers_controlnet(
+    directory: str | Path,
+    *,
+    base: Any = None,
+    conditioning_channels: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: Any = None,
+) -> tuple[controlnet.ControlNet, dict]:
+    """(module, params) of a diffusers ControlNetModel directory (or cached repo id).
+
+    base: the base UNet's `config.model` (or its `unet.UNet` module), checked to have the
+    ControlNet's trunk layout; conditioning_channels: checked against config.json's. Apply as
+    `module.apply({"params": params}, x, t, condition, context=..., conditioning_scale=...)`.
+    With a mesh, each parameter is read straight into its shards under `rules` (default
+    `configlib.DEFAULT_RULES`); weights are cast to float32.
+    """
+    directory = hf_weights.resolve_directory(directory)
+    model_config = controlnet_config_from_diffusers(hf_weights.read_config(directory))
+    if base is not None:
+        controlnet.check_matches_unet(
+            model_config,
+            base,
+            controlnet_source=f"the ControlNet at {directory} (config.json)",
+            unet_source="the base UNet",
+        )
+    if conditioning_channels is not None and conditioning_channels != (
+        model_config.conditioning_channels
+    ):
+        raise ConfigError(
+            f"the ControlNet at {directory} takes conditioning_channels="
+            f"{model_config.conditioning_channels} (config.json), not the {conditioning_channels} "
+            f"asked for; pass condition images with {model_config.conditioning_channels} channels"
+        )
+    module = controlnet.from_config(model_config)
+    checkpoint = hf_weights.open_checkpoint(directory, stem=STEM)
+    params = hf_weights.load_params(
+        controlnet.abstract_params(module),
+        controlnet_weight_map(model_config),
+        checkpoint,
+        mesh,
+        rules,
+        source=str(directory),
+    )
+    return module, params
+
+
+def save_diffusers_controlnet(
+    directory: str | Path, model_config, params: Mapping, overwrite: bool = False
+) -> Path:
+    """Writes ControlNet `params` (the tree, or `{"params": tree}`) as a diffusers directory
+    that `diffusers.ControlNetModel.from_pretrained(directory)` loads."""
+    if set(params) == {"params"}:
+        params = params["params"]
+    tensors = hf_weights.export_params(controlnet_weight_map(model_config), params)
+    config = diffusers_controlnet_config(model_config)
     return hf_weights.save_checkpoint(directory, tensors, config, stem=STEM, overwrite=overwrite)
