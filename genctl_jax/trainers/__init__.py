@@ -11,6 +11,7 @@ from genctl_jax.errors import ConfigError
 # config.task.name -> "module:Class" of its Task (imported on demand).
 TASKS = {
     "autoencoder": "genctl_jax.trainers.autoencoder:AutoencoderTask",
+    "controlnet": "genctl_jax.trainers.controlnet:ControlNetTask",
     "diffusion": "genctl_jax.trainers.diffusion:DiffusionTask",
     "text_to_image": "genctl_jax.trainers.text_to_image:TextToImageTask",
 }

@@ -127,7 +127,7 @@ class DiffusionTask(Task):
 
 def warn_if_unguidable(config: ml_collections.ConfigDict, guidance_scale: float) -> None:
     """Guidance needs an unconditional model, which only condition dropout trains."""
-    conditional = config.model.num_classes or config.task.name == "text_to_image"
+    conditional = config.model.num_classes or config.task.name in ("text_to_image", "controlnet")
     if guidance_scale != 1.0 and not conditional:
         logging.warning(
             "guidance_scale=%s has no effect: this model is unconditional (num_classes=0)",

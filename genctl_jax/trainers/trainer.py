@@ -8,6 +8,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
@@ -47,7 +48,12 @@ class Trainer:
         pretrained = self.task.pretrained_params(self.layout.shardings.params)
         if not pretrained:
             return state
-        ema = {k: pretrained.get(k, v) for k, v in state.ema_params.items()}
+        # The EMA copy gets its own buffers: the step donates the state, and one buffer in
+        # two of its leaves would be donated twice.
+        ema = {
+            k: jax.tree.map(jnp.copy, pretrained[k]) if k in pretrained else v
+            for k, v in state.ema_params.items()
+        }
         return state.replace(params={**state.params, **pretrained}, ema_params=ema)
 
     def sample(self, params: dict[str, Any], rng: jax.Array, batch: dict[str, jax.Array]):
