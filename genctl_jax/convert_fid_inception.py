@@ -23,10 +23,6 @@ from absl import app, flags
 from genctl_jax import cli
 from genctl_jax.errors import CheckpointError
 
-flags.DEFINE_string("input", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
-flags.DEFINE_string("output", None, "The safetensors file to write.")
-flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
-
 FLAGS = flags.FLAGS
 # torch hub's convention: NAME-<first hex digits of the file's sha256>.EXT
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z]+$")
@@ -106,5 +102,14 @@ def main(argv):
     cli.run(run)
 
 
+def define_flags() -> None:
+    """The command's flags, defined only when it runs as a program: `convert` is imported by
+    tools and tests beside other CLIs (evaluate has its own --overwrite)."""
+    flags.DEFINE_string("input", None, "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
+    flags.DEFINE_string("output", None, "The safetensors file to write.")
+    flags.DEFINE_bool("overwrite", False, "Replace --output if it exists.")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -59,3 +59,17 @@ def _save_encoder(directory, kind):
 def pretrained_encoders(tmp_path_factory):
     """{'t5': dir, 'clip': dir}: tiny pretrained-encoder directories as Hugging Face writes them."""
     return {kind: _save_encoder(tmp_path_factory.mktemp(kind), kind) for kind in ("t5", "clip")}
+
+
+@pytest.fixture(scope="session")
+def tiny_t2i_base(tmp_path_factory):
+    """Workdir of two train steps of configs/shapes_t2i.py:tiny: a ControlNet's frozen base."""
+    from genctl_jax import configlib
+    from genctl_jax.trainers import loop
+
+    workdir = tmp_path_factory.mktemp("t2i_base")
+    config = configlib.load_config(f"{REPO / 'configs' / 'shapes_t2i.py'}:tiny")
+    config.trainer.num_train_steps = 2
+    config.trainer.sample_every = 0
+    loop.train_and_evaluate(config, workdir)
+    return workdir

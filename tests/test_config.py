@@ -28,6 +28,8 @@ def test_every_config_loads_and_validates_its_tiny_variant(path, request):
     if path.name in PRETRAINED:
         encoders = request.getfixturevalue("pretrained_encoders")
         arg += f",encoder={encoders[PRETRAINED[path.name]]}"
+    if path.name == "shapes_controlnet.py":  # Trains on a text-to-image run's frozen UNet.
+        arg += f",base={request.getfixturevalue('tiny_t2i_base')}"
     config = configlib.load_config(f"{path}:{arg}")
     configlib.validate(config, num_devices=8, process_count=1)
     # The docstring holds the exact launch command.

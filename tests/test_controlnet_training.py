@@ -20,19 +20,13 @@ from genctl_jax.trainers import trainer as trainer_lib
 from genctl_jax.trainers.controlnet import ControlNetTask
 from genctl_jax.trainers.task import Phase
 
-BASE = f"{REPO / 'configs' / 'shapes_t2i.py'}:tiny"
 RECIPE = REPO / "configs" / "shapes_controlnet.py"
 
 
 @pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """Two train steps of the tiny text-to-image config: the frozen base's workdir."""
-    workdir = tmp_path_factory.mktemp("t2i_base")
-    config = configlib.load_config(BASE)
-    config.trainer.num_train_steps = 2
-    config.trainer.sample_every = 0
-    loop.train_and_evaluate(config, workdir)
-    return workdir
+def base_run(tiny_t2i_base):
+    """The frozen base's workdir (conftest: two steps of the tiny text-to-image config)."""
+    return tiny_t2i_base
 
 
 def controlnet_config(base_workdir, *args):
