@@ -189,18 +189,7 @@ def run() -> None:
         if not prompts:
             raise ConfigError(f"--prompts_file={FLAGS.prompts_file} holds no prompts")
     conditions = evaluation.conditions_for(task, config, e.num_samples, prompts)
-    evaluator = evaluation.Evaluator(
-        metrics=e.metrics,
-        mesh=loaded.mesh,
-        data_config=config.data,
-        batch_size=e.batch_size,
-        reference=e.reference,
-        num_reference=e.num_reference,
-        inception_weights=e.inception_weights,
-        inception_precision=e.inception_precision,
-        clip_model=e.clip_model,
-        cache_dir=workdir / "eval" / "reference",
-    )
+    evaluator = evaluation.Evaluator.from_config(e, loaded.mesh, config.data, workdir)
     params = generation.with_text_encoder(task, loaded.params)
     rows = []
     for value, options in settings:

@@ -295,6 +295,29 @@ class Evaluator:
     clip_model: str | None = None
     cache_dir: pathlib.Path | None = None
 
+    @classmethod
+    def from_config(
+        cls,
+        eval_config: ml_collections.ConfigDict,
+        mesh: Mesh,
+        data_config: ml_collections.ConfigDict,
+        workdir: pathlib.Path,
+    ) -> Evaluator:
+        """The evaluator of a `config.eval` block, caching references under WORKDIR/eval."""
+        e = eval_config
+        return cls(
+            metrics=e.metrics,
+            mesh=mesh,
+            data_config=data_config,
+            batch_size=e.batch_size,
+            reference=e.reference,
+            num_reference=e.num_reference,
+            inception_weights=e.inception_weights,
+            inception_precision=e.inception_precision,
+            clip_model=e.clip_model,
+            cache_dir=workdir / "eval" / "reference",
+        )
+
     def __post_init__(self):
         self.metrics = check_metrics(self.metrics)
         self._features = self._clip = None

@@ -42,18 +42,7 @@ class PeriodicEvaluation:
         options = samplers.options_from_config(config.sampling, config.diffusion)
         self.generator = generation.Generator(task, mesh, options, e.batch_size)
         self.conditions = evaluation.conditions_for(task, config, e.num_samples)
-        self.evaluator = evaluation.Evaluator(
-            metrics=e.metrics,
-            mesh=mesh,
-            data_config=config.data,
-            batch_size=e.batch_size,
-            reference=e.reference,
-            num_reference=e.num_reference,
-            inception_weights=e.inception_weights,
-            inception_precision=e.inception_precision,
-            clip_model=e.clip_model,
-            cache_dir=workdir / "eval" / "reference",
-        )
+        self.evaluator = evaluation.Evaluator.from_config(e, mesh, config.data, workdir)
         self._text_encoder = None  # Frozen encoder of a run that read cached embeddings.
         self.best_file = workdir / "eval" / "best.json"
         self.best = None
