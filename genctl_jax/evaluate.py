@@ -19,6 +19,7 @@ the device count.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -48,7 +49,10 @@ flags.DEFINE_string("clip_model", None, "transformers CLIPModel directory (clip)
 flags.DEFINE_string("prompts_file", None, "Text-to-image runs: prompts, one per line.")
 flags.DEFINE_integer("batch_size", None, "Samples per batch (default: config.eval).")
 flags.DEFINE_string(
-    "sweep", None, "FIELD=V1,V2,...: evaluate each value of guidance_scale, steps or eta."
+    "sweep",
+    None,
+    "FIELD=V1,V2,...: evaluate each value of guidance_scale, steps, eta or (ControlNet runs) "
+    "conditioning_scale.",
 )
 flags.DEFINE_string("name", None, "Output name under WORKDIR/eval (default: from the settings).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing WORKDIR/eval/NAME.json and .png.")
@@ -60,6 +64,7 @@ SWEEP_FIELDS = {
     "guidance_scale": ("guidance_scale", float),
     "steps": ("num_steps", int),
     "eta": ("eta", float),
+    "conditioning_scale": (None, float),  # ControlNet runs: not a sampler setting.
 }
 
 
@@ -168,9 +173,11 @@ def run() -> None:
     base["guidance_scale"] = FLAGS.guidance_scale
     values = sweep[1] if sweep else [None]
     settings = []
+    if sweep and sweep[0] == "conditioning_scale" and config.task.name != "controlnet":
+        raise ConfigError("--sweep conditioning_scale=... needs a ControlNet run")
     for value in values:
         overrides = dict(base)
-        if sweep:
+        if sweep and SWEEP_FIELDS[sweep[0]][0]:
             overrides[SWEEP_FIELDS[sweep[0]][0]] = value
         settings.append((value, sampling_options(config, overrides)))
         warn_if_unguidable(config, settings[-1][1].guidance_scale)
@@ -189,15 +196,23 @@ def run() -> None:
         if not prompts:
             raise ConfigError(f"--prompts_file={FLAGS.prompts_file} holds no prompts")
     conditions = evaluation.conditions_for(task, config, e.num_samples, prompts)
+    controls, control_maps = (), None
+    if config.task.name == "controlnet":
+        controls, control_maps = evaluation.controls_for(task, config, e.num_samples)
     evaluator = evaluation.Evaluator.from_config(e, loaded.mesh, config.data, workdir)
     params = generation.with_text_encoder(task, loaded.params)
     rows = []
     for value, options in settings:
+        setting_task = task
+        if sweep and sweep[0] == "conditioning_scale":
+            unit = dataclasses.replace(task.units[0], scale=value)
+            setting_task = task.with_controls([unit])
         generator = generation.Generator(
-            task, loaded.mesh, options, e.batch_size, negative_prompt=FLAGS.negative_prompt
+            setting_task, loaded.mesh, options, e.batch_size, negative_prompt=FLAGS.negative_prompt
         )
-        samples = np.concatenate(list(generator.draw(params, e.num_samples, e.seed, conditions)))
-        scores = evaluator.evaluate(samples, conditions)
+        draws = generator.draw(params, e.num_samples, e.seed, conditions, controls)
+        samples = np.concatenate(list(draws))
+        scores = evaluator.evaluate(samples, conditions, control_maps)
         label = f"{sweep[0]}={value}: " if sweep else ""
         print(f"{label}{evaluation.headline(scores)}", flush=True)
         rows.append(

@@ -5,6 +5,16 @@
   python -m genctl_jax.sample --workdir DIR --prompt "a large green star in the center" \
       [--prompt ...] [--negative_prompt "a red circle"] --guidance_scale 5 --out t2i.png
 
+ControlNet runs take one control image per ControlNet (module `control.files`: the map itself,
+or with --extract_control an image / label-id map to extract it from):
+
+  python -m genctl_jax.sample --workdir runs/shapes_cn --prompt "a large red circle" \
+      --control edges.png [--conditioning_scale 0.8] [--control_start 0 --control_end 0.6]
+  python -m genctl_jax.sample --workdir runs/shapes_cn --controlnet runs/shapes_cn_seg \
+      --control edges.png --control seg.png --conditioning_scale 1,0.5      # multi-control
+  python -m genctl_jax.sample --workdir runs/shapes_cn --prompt "" --guess_mode \
+      --control edges.png                                                     # no prompt
+
 Uses the EMA params of the workdir's latest checkpoint (--checkpoint best: the one the
 trainer kept for `config.eval.best_metric`), on whatever devices are present.
 Options left unset come from the run's `config.sampling`. Labels and prompts are cycled
@@ -29,6 +39,38 @@ from genctl_jax.parallel import distributed
 flags.DEFINE_list("labels", None, "Class ids, cycled over the samples (default: 0, 1, 2, ...).")
 flags.DEFINE_multi_string("prompt", None, "Text-to-image runs: a prompt (repeat the flag).")
 flags.DEFINE_string("out", None, "PNG file to write (default: WORKDIR/samples.png).")
+flags.DEFINE_multi_string(
+    "controlnet", None, "ControlNet runs applied besides --workdir's (multi-control; repeat)."
+)
+flags.DEFINE_multi_string(
+    "control", None, "Control image file, one per ControlNet (--workdir's first; repeat)."
+)
+flags.DEFINE_list(
+    "control_type", None, "What each ControlNet was trained on (checked against its run)."
+)
+flags.DEFINE_list(
+    "conditioning_scale", None, "One per ControlNet, or one for all (default: each run's)."
+)
+flags.DEFINE_list("control_start", None, "Fraction of the steps each ControlNet starts at (0).")
+flags.DEFINE_list("control_end", None, "Fraction of the steps each ControlNet stops at (1).")
+flags.DEFINE_bool("guess_mode", False, "Control the conditional branch only (empty prompts).")
+flags.DEFINE_bool(
+    "extract_control",
+    False,
+    "The --control files are the extractors' inputs: images (canny, sobel, scribble) or "
+    "label-id maps (seg).",
+)
+
+CONTROL_FLAGS = (
+    "controlnet",
+    "control",
+    "control_type",
+    "conditioning_scale",
+    "control_start",
+    "control_end",
+    "guess_mode",
+    "extract_control",
+)
 
 FLAGS = flags.FLAGS
 
@@ -84,7 +126,15 @@ def run() -> None:
 
     # One batch, padded to a multiple of the devices; the extra samples are dropped.
     padded = -(-n // generation.batch_ways(loaded.mesh)) * generation.batch_ways(loaded.mesh)
-    if config.task.name == "text_to_image":
+    controls = ()
+    params = generation.with_text_encoder(task, loaded.params)
+    if config.task.name == "controlnet":
+        task, params, controls = _controlnet_sampling(loaded, params)
+    else:
+        given = [f for f in CONTROL_FLAGS if FLAGS[f].value not in (None, False)]
+        if given:
+            raise ConfigError(f"--{given[0]} needs a ControlNet run; {FLAGS.workdir} is not one")
+    if config.task.name in ("text_to_image", "controlnet"):
         conditions = prompts = _prompts(config, padded)
     else:
         if FLAGS.prompt or FLAGS.negative_prompt:
@@ -93,8 +143,7 @@ def run() -> None:
     generator = generation.Generator(
         task, loaded.mesh, options, padded, negative_prompt=FLAGS.negative_prompt
     )
-    params = generation.with_text_encoder(task, loaded.params)
-    samples = next(generator.draw(params, padded, FLAGS.seed or 0, conditions))[:n]
+    samples = next(generator.draw(params, padded, FLAGS.seed or 0, conditions, controls))[:n]
 
     out = pathlib.Path(FLAGS.out or pathlib.Path(FLAGS.workdir) / "samples.png")
     if jax.process_index() == 0:
@@ -115,7 +164,12 @@ def run() -> None:
     from genctl_jax.metrics import fidelity
 
     where = f"analytic checker, {n} samples, guidance {options.guidance_scale}"
-    if config.task.name == "text_to_image":
+    if config.task.name == "controlnet":
+        _print_edge_fidelity(task, controls, samples, where)
+    if config.task.name in ("text_to_image", "controlnet"):
+        if not _shapes_captions(prompts[:n]):
+            print("prompt fidelity: not checked (prompts outside the shapes caption grammar)")
+            return
         scores = fidelity.caption_fidelity(samples, prompts[:n])
         print(
             f"prompt fidelity ({where}): colour and shape {scores['colour_shape']:.3f}, colour "
@@ -127,6 +181,110 @@ def run() -> None:
         print(
             f"class fidelity ({where}): {scores['class']:.3f} (colour alone {scores['colour']:.3f})"
         )
+
+
+def _shapes_captions(prompts) -> bool:
+    """Whether every prompt is in the shapes dataset's caption grammar (the checker's input)."""
+    from genctl_jax.data import shapes
+    from genctl_jax.errors import DataError
+
+    try:
+        for prompt in prompts:
+            shapes.parse_caption(prompt)
+    except DataError:
+        return False
+    return True
+
+
+def _print_edge_fidelity(task, controls, samples, where: str) -> None:
+    """Edge F1 of the samples' analytic edges against each edge-map control they followed."""
+    from genctl_jax.data import shapes
+    from genctl_jax.metrics import control
+
+    edges = np.stack([shapes.segment(image)["edges"] for image in samples])
+    for unit, maps in zip(task.units, controls, strict=True):
+        if unit.control_type != "edges":
+            continue
+        target = np.broadcast_to(maps[..., 0] > 0.5, edges.shape)
+        scores = control.edge_f1(edges, target)
+        print(
+            f"control fidelity ({where}, scale {unit.scale:g}): edge F1 {scores['f1']:.3f} "
+            f"(precision {scores['precision']:.3f}, recall {scores['recall']:.3f})"
+        )
+
+
+def _per_controlnet(flag: str, count: int, defaults: list[float]) -> list[float]:
+    """A float list flag: one value per ControlNet, or one for all; `defaults` when unset."""
+    given = FLAGS[flag].value
+    if not given:
+        return defaults
+    try:
+        values = [float(v) for v in given]
+    except ValueError:
+        raise ConfigError(f"--{flag}={','.join(given)}: expected numbers") from None
+    if len(values) not in (1, count):
+        raise ConfigError(
+            f"--{flag} has {len(values)} values for {count} ControlNets; give one per "
+            f"ControlNet or one for all"
+        )
+    return values * count if len(values) == 1 else values
+
+
+def _controlnet_sampling(loaded, params):
+    """The task (with its ControlNet units), params and control images of a ControlNet run
+    and the --controlnet runs beside it, from the control flags."""
+    from genctl_jax.control import files
+    from genctl_jax.trainers import controlnet, saved_run
+
+    workdirs = [FLAGS.workdir, *(FLAGS.controlnet or [])]
+    runs = [loaded]
+    for workdir in workdirs[1:]:
+        run = saved_run.load(workdir, list(loaded.mesh.devices.flat))
+        if run.config.task.name != "controlnet":
+            raise ConfigError(f"--controlnet {workdir} holds a {run.config.task.name!r} run")
+        runs.append(run)
+    paths = FLAGS.control or []
+    if len(paths) != len(runs):
+        raise ConfigError(
+            f"{len(runs)} ControlNets ({', '.join(workdirs)}) need one --control image each, in "
+            f"that order; got {len(paths)}"
+        )
+    trained = [run.task.control_type for run in runs]
+    if FLAGS.control_type is not None:
+        if len(FLAGS.control_type) != len(runs):
+            raise ConfigError(
+                f"--control_type has {len(FLAGS.control_type)} values for {len(runs)} ControlNets"
+            )
+        for workdir, given, kind in zip(workdirs, FLAGS.control_type, trained, strict=True):
+            if given != kind:
+                raise ConfigError(
+                    f"--control_type {given!r}: the ControlNet of {workdir} was trained on "
+                    f"{kind!r} controls; sample it with {kind!r} control images"
+                )
+    count = len(runs)
+    scales = _per_controlnet(
+        "conditioning_scale", count, [run.task.conditioning_scale for run in runs]
+    )
+    starts = _per_controlnet("control_start", count, [0.0] * count)
+    ends = _per_controlnet("control_end", count, [1.0] * count)
+    units = [
+        controlnet.ControlUnit(run.task.controlnet, kind, scale, start, end)
+        for run, kind, scale, start, end in zip(runs, trained, scales, starts, ends, strict=True)
+    ]
+    task = loaded.task.with_controls(units, FLAGS.guess_mode)
+    params = dict(params, controlnet=tuple(run.params["controlnet"] for run in runs))
+    size = loaded.config.data.image_size
+    controls = [
+        files.read_control(
+            path,
+            unit.control_type,
+            unit.module.conditioning_channels,
+            unit.module.conditioning_factor * size,
+            extract=FLAGS.extract_control,
+        )
+        for path, unit in zip(paths, units, strict=True)
+    ]
+    return task, params, controls
 
 
 def _prompts(config, count: int) -> list[str]:

@@ -73,3 +73,27 @@ def tiny_t2i_base(tmp_path_factory):
     config.trainer.sample_every = 0
     loop.train_and_evaluate(config, workdir)
     return workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_run(tiny_t2i_base, tmp_path_factory):
+    """Workdir of two train steps of configs/shapes_controlnet.py:tiny on `tiny_t2i_base`."""
+    from genctl_jax import configlib
+    from genctl_jax.trainers import loop
+
+    workdir = tmp_path_factory.mktemp("controlnet")
+    recipe = REPO / "configs" / "shapes_controlnet.py"
+    config = configlib.load_config(f"{recipe}:tiny,base={tiny_t2i_base}")
+    loop.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def run_cli_body(module, *argv):
+    """A CLI module's `run()` in this process: its flags parsed from argv, then reset."""
+    from absl import flags
+
+    flags.FLAGS([module.__name__, *argv])
+    try:
+        return module.run()
+    finally:
+        flags.FLAGS.unparse_flags()

@@ -15,7 +15,7 @@ from genctl_jax.data import pipeline
 from genctl_jax.errors import ConfigError
 from genctl_jax.models import controlnet as controlnet_lib
 from genctl_jax.parallel import mesh as mesh_lib
-from genctl_jax.trainers import loop, saved_run
+from genctl_jax.trainers import saved_run
 from genctl_jax.trainers import trainer as trainer_lib
 from genctl_jax.trainers.controlnet import ControlNetTask
 from genctl_jax.trainers.task import Phase
@@ -142,17 +142,16 @@ def test_frozen_base_costs_less_than_full_fine_tune(built):
     assert memory < 0.85 * full_memory
 
 
-def test_tiny_run_end_to_end(base_run, tmp_path):
-    config = controlnet_config(base_run)
-    state = loop.train_and_evaluate(config, tmp_path)
-    assert int(state.step) == 2
-    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+def test_tiny_run_end_to_end(tiny_controlnet_run):
+    workdir = tiny_controlnet_run  # conftest: two steps of the tiny recipe, through the loop.
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     losses = [line["loss"] for line in lines if "loss" in line]
     assert len(losses) == 2 and all(np.isfinite(losses)) and all(v > 0 for v in losses)
-    assert (tmp_path / "checkpoints" / "2").is_dir()
-    assert (tmp_path / "samples" / "step_00000002.png").exists()
+    assert (workdir / "checkpoints" / "2").is_dir()
+    assert (workdir / "samples" / "step_00000002.png").exists()
     # The saved run reopens with its frozen base inside.
-    loaded = saved_run.load(tmp_path)
+    loaded = saved_run.load(workdir)
+    assert loaded.step == 2
     assert set(loaded.params) == {"controlnet", "model", "text_encoder"}
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
+from conftest import run_cli_body
 from PIL import Image
 
 from genctl_jax import configlib
@@ -83,18 +83,10 @@ def test_sampling_cli_writes_a_grid_and_reports_fidelity(trained, tmp_path):
     assert "class fidelity (analytic checker, 6 samples, guidance 2.0)" in result.stdout
 
 
-FLAGS = flags.FLAGS
-
-
 def run_sample(*argv):
-    """The sampling CLI's body in this process (flags parsed, then reset)."""
     from genctl_jax import sample
 
-    FLAGS(["sample", *argv])
-    try:
-        sample.run()
-    finally:
-        FLAGS.unparse_flags()
+    run_cli_body(sample, *argv)
 
 
 def test_sampling_bad_input_gets_one_clear_error(trained, tmp_path):

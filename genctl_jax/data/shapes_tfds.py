@@ -26,6 +26,7 @@ generator index. Examples are stored in generation order (shuffling disabled), s
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 
@@ -182,9 +183,17 @@ def shapes_builder(
     name = _config_name(image_size, config)
     data_dir = os.fspath(data_dir) if data_dir is not None else _default_data_dir()
     builder = Shapes(config=name, data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-        logging.info("building the embedded shapes dataset at %s", builder.data_path)
-        builder.download_and_prepare()
+    if builder.is_prepared():
+        return builder
+    # Processes sharing data_dir (test workers, the hosts of a run) build it once: the first
+    # to take the lock builds, the others wait and then find it prepared.
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".shapes_{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        builder = Shapes(config=name, data_dir=data_dir, file_format="array_record")
+        if not builder.is_prepared():
+            logging.info("building the embedded shapes dataset at %s", builder.data_path)
+            builder.download_and_prepare()
     return builder
 
 

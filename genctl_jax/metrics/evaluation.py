@@ -449,7 +449,12 @@ def conditions_for(task, config, num_samples: int, prompts: Sequence[str] | None
     Class-conditional runs cycle through the classes; text-to-image runs use `prompts`, or on
     the shapes dataset the captions of its test split.
     """
-    if config.task.name == "text_to_image":
+    if config.task.name == "controlnet" and prompts:
+        raise ConfigError(
+            "a ControlNet run is evaluated on the shapes test split's captions and control "
+            "maps (controls_for); prompts from a file have no control maps"
+        )
+    if config.task.name in ("text_to_image", "controlnet"):
         if prompts:
             return [prompts[i % len(prompts)] for i in range(num_samples)]
         if config.data.name != "shapes":
@@ -466,3 +471,32 @@ def conditions_for(task, config, num_samples: int, prompts: Sequence[str] | None
     if not num_classes:
         return None
     return np.arange(num_samples, dtype=np.int32) % num_classes
+
+
+def controls_for(task, config, num_samples: int) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+    """ControlNet runs: the control images to sample with (one array per ControlNet unit) and
+    the maps the control metric compares the samples with (`segmentation`, `edges`), of the
+    first `num_samples` examples of the shapes test split, cycled: the examples whose captions
+    `conditions_for` gives."""
+    if config.data.name != "shapes":
+        raise ConfigError(
+            f"evaluating a ControlNet run needs control maps: only the shapes dataset's test "
+            f"split is supported, not {config.data.name!r}"
+        )
+    from genctl_jax.data import sources
+
+    source = sources.open_source(
+        "shapes",
+        split="test",
+        image_size=config.data.image_size,
+        data_dir=config.data.data_dir,
+        shapes_config=config.data.shapes_config,
+    )
+    examples = [source[i % len(source)] for i in range(num_samples)]
+    batch = {
+        k: np.stack([e[k] for e in examples]) for k in ("image", "edges", "segmentation", "depth")
+    }
+    # The model's control: as in training, from the uint8 maps (images in [-1, 1]).
+    model_batch = dict(batch, image=batch["image"].astype(np.float32) / 127.5 - 1.0)
+    controls = [task.control_from_batch(model_batch)]
+    return controls, {"segmentation": batch["segmentation"], "edges": batch["edges"]}

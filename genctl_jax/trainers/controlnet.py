@@ -23,15 +23,25 @@ on the image ('canny', 'sobel', 'scribble').
 
 Loss: the base's diffusion loss with the ControlNet's residuals added (conditioning scale 1),
 the prompt replaced by the empty prompt with probability `config.task.cond_drop_prob` (0.5 in
-the paper: the ControlNet learns to read the control without a prompt). Sampling guides with
-the control applied to both the conditional and the unconditional branch, its residuals
-scaled by `config.controlnet.conditioning_scale`.
+the paper: the ControlNet learns to read the control without a prompt).
+
+Sampling (`generate_from_tokens`, with the task's `units`; `with_controls` sets them) applies
+one or several ControlNets on the same frozen base (multi-control: their residuals are summed),
+each a `ControlUnit` with its own control image, conditioning scale and active fraction of the
+denoising steps: on at step i of N iff start <= i / N and (i + 1) / N <= end, as diffusers'
+control_guidance_start / _end. Classifier-free guidance applies the control to both the
+conditional and the unconditional branch; in guess mode only to the conditional one, with the
+residuals weighted from 0.1 (first skip) to 1 (middle block) on a log scale, so the ControlNet
+can steer with an empty prompt (the paper's guess mode; diffusers' `guess_mode`).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import pathlib
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -45,6 +55,7 @@ from genctl_jax import models
 from genctl_jax.diffusion import samplers
 from genctl_jax.errors import ConfigError
 from genctl_jax.models import controlnet as controlnet_lib
+from genctl_jax.models import unet
 from genctl_jax.parallel import sharding
 from genctl_jax.trainers.task import Phase
 from genctl_jax.trainers.text_to_image import TextToImageTask
@@ -60,6 +71,39 @@ CONTROL_SOURCES = {
 }
 FROZEN = ("model", "text_encoder")  # The base run's networks this task holds frozen.
 BASE_TASK = "text_to_image"
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet applied when sampling (module doc: multi-control, scheduling)."""
+
+    module: controlnet_lib.ControlNet
+    control_type: str  # What it was trained on (CONTROL_SOURCES); names it in messages.
+    scale: float = 1.0  # Conditioning scale of its residuals.
+    start: float = 0.0  # Fraction of the denoising steps after which it starts...
+    end: float = 1.0  # ...and after which it stops.
+
+    def __post_init__(self):
+        what = f"the {self.control_type!r} ControlNet's"
+        if isinstance(self.scale, bool) or not self.scale >= 0.0:
+            raise ConfigError(f"{what} conditioning scale is {self.scale!r}; expected >= 0")
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise ConfigError(
+                f"{what} control start {self.start!r} and end {self.end!r}: expected "
+                f"0 <= start < end <= 1 (fractions of the denoising steps)"
+            )
+
+    def active_steps(self, num_steps: int) -> np.ndarray:
+        """[num_steps] float32: 1 on the steps this unit runs on, else 0 (float64 rule)."""
+        i = np.arange(num_steps)
+        on = (i / num_steps >= self.start) & ((i + 1) / num_steps <= self.end)
+        return on.astype(np.float32)
+
+
+def guess_mode_weights(num_skips: int) -> np.ndarray:
+    """[num_skips + 1] weights of the skips' residuals and, last, the middle block's: from 0.1
+    to 1 evenly on a log scale (diffusers' `torch.logspace(-1, 0, num_skips + 1)`)."""
+    return np.logspace(-1.0, 0.0, num_skips + 1).astype(np.float32)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -124,6 +168,26 @@ class ControlNetTask(TextToImageTask):
         self.controlnet = models.build(config.model)
         self.control_type = config.controlnet.control_type
         self.conditioning_scale = float(config.controlnet.conditioning_scale)
+        self.units = (
+            ControlUnit(self.controlnet, self.control_type, scale=self.conditioning_scale),
+        )
+        self.guess_mode = False
+
+    def with_controls(self, units: Sequence[ControlUnit], guess_mode: bool = False):
+        """A copy of this task that samples with `units` (in the order of the ControlNet
+        params and control images given to `generate_from_tokens`), in guess mode if asked."""
+        if not units:
+            raise ConfigError("sampling a ControlNet run needs at least one ControlUnit")
+        for unit in units:
+            controlnet_lib.check_matches_unet(
+                unit.module,
+                self.model,
+                controlnet_source=f"the {unit.control_type!r} ControlNet",
+                unet_source=f"the base UNet ({self.config.controlnet.base_workdir})",
+            )
+        task = copy.copy(self)
+        task.units, task.guess_mode = tuple(units), bool(guess_mode)
+        return task
 
     # ---- Condition.
 
@@ -169,15 +233,14 @@ class ControlNetTask(TextToImageTask):
             ),
         )
 
-    def controlled_output(self, params, x, t, cond, control, scale, *, dropout_rng=None):
-        """The base UNet's output with the ControlNet's residuals (times `scale`) added.
+    def _residuals(self, module, controlnet_params, x, t, cond, control, scale, dropout_rng=None):
+        """One ControlNet's (down, mid) residuals, already times `scale` (scalar or [B]).
 
-        dropout_rng: None for inference; else the ControlNet runs in train mode with it (the
-        frozen base always runs in inference mode)."""
+        dropout_rng: None for inference; else the ControlNet runs in train mode with it."""
         pooled = cond["pooled"] if self.text_config.use_pooled else None
         train = dropout_rng is not None
-        down, mid = self.controlnet.apply(
-            {"params": params["controlnet"]},
+        return module.apply(
+            {"params": controlnet_params},
             x,
             t,
             control,
@@ -187,6 +250,13 @@ class ControlNetTask(TextToImageTask):
             conditioning_scale=scale,
             train=train,
             rngs={"dropout": dropout_rng} if train else None,
+        )
+
+    def controlled_output(self, params, x, t, cond, control, scale, *, dropout_rng=None):
+        """The base UNet's output with this run's ControlNet's residuals (times `scale`) added;
+        the frozen base always runs in inference mode."""
+        down, mid = self._residuals(
+            self.controlnet, params["controlnet"], x, t, cond, control, scale, dropout_rng
         )
         return self._unet(params, x, t, cond, down_residuals=down, mid_residual=mid)
 
@@ -250,27 +320,73 @@ class ControlNetTask(TextToImageTask):
             ),
         )
 
-    def generate_controlled(
-        self, params, rng, cond, uncond, control, num_samples, options, conditioning_scale=None
-    ):
-        """Images in [-1, 1]: `cond`/`uncond` text conditionings and `control` [N, H, W, C]
-        with a leading batch of num_samples; the control enters both guidance branches."""
-        scale = self.conditioning_scale if conditioning_scale is None else conditioning_scale
+    def sampling_model_fn(self, params, options):
+        """The model function `samplers.sample` calls: (x, t, c) -> the base UNet's output with
+        the residuals of the task's `units` (module doc), c = {"text": conditioning, "controls":
+        one control batch per unit, "branch": [B] factor on every residual (0 leaves a row
+        uncontrolled)}. params: the base's, with "controlnet" the ControlNet params, a sequence
+        of one per unit (or, for one unit, its params themselves)."""
+        units = self.units
+        nets = params["controlnet"]
+        nets = tuple(nets) if isinstance(nets, list | tuple) else (nets,)
+        if len(nets) != len(units):
+            raise ConfigError(
+                f"{len(units)} ControlNet units but {len(nets)} ControlNet params; give one per "
+                f"unit"
+            )
+        ts = jnp.asarray(
+            samplers.timesteps(self.schedule.num_timesteps, options.num_steps, options.spacing)
+        )
+        active = jnp.asarray(np.stack([u.active_steps(options.num_steps) for u in units]))
+        weights = guess_mode_weights(unet.num_skips(self.model)) if self.guess_mode else None
 
         def model_fn(x, t, c):
-            return self.controlled_output(params, x, t, c["text"], c["control"], scale)
+            step = jnp.sum(ts > t[0])  # The timesteps descend, so this is the step's index.
+            down = mid = None
+            for k, (unit, p, control) in enumerate(zip(units, nets, c["controls"], strict=True)):
+                scale = unit.scale * active[k, step] * c["branch"]
+                d, m = self._residuals(unit.module, p, x, t, c["text"], control, scale)
+                down = d if down is None else [a + b for a, b in zip(down, d, strict=True)]
+                mid = m if mid is None else mid + m
+            if weights is not None:
+                down = [r * w.astype(r.dtype) for r, w in zip(down, weights[:-1], strict=True)]
+            return self._unet(params, x, t, c["text"], down_residuals=down, mid_residual=mid)
 
-        shape = (num_samples, *self.image_shape)
+        return model_fn
+
+    def generate_controlled(self, params, rng, cond, uncond, controls, num_samples, options):
+        """Images in [-1, 1] from the task's `units` (module doc).
+
+        cond/uncond: text conditionings with a leading batch of num_samples; controls: one
+        [num_samples, H, W, C] control image batch per unit; params: as `sampling_model_fn`.
+        """
+        controls = tuple(controls)
+        if len(controls) != len(self.units):
+            raise ConfigError(
+                f"{len(self.units)} ControlNet units but {len(controls)} control image "
+                f"batches; give one per unit"
+            )
+        n = num_samples
+        # Guess mode leaves the unconditional branch uncontrolled.
+        on = jnp.ones((n,))
+        off = jnp.zeros((n,)) if self.guess_mode else on
         x0 = samplers.sample(
-            model_fn,
+            self.sampling_model_fn(params, options),
             self.schedule,
             rng,
-            shape,
+            (n, *self.image_shape),
             options,
-            {"text": cond, "control": control},
-            {"text": uncond, "control": control},
+            {"text": cond, "controls": controls, "branch": on},
+            {"text": uncond, "controls": controls, "branch": off},
         )
         return jnp.clip(x0, -1.0, 1.0)
+
+    def generate_from_tokens(self, params, rng, prompt, negative, num_samples, options, controls):
+        """`prompt`/`negative`: (ids, mask) [N, L] each; `controls`: one [N, H, W, C] batch
+        per unit (`generate_controlled`)."""
+        cond = self.encode(params, *prompt)
+        uncond = self.encode(params, *negative)
+        return self.generate_controlled(params, rng, cond, uncond, controls, num_samples, options)
 
     def sample(self, params, rng, batch):
         """The periodic grid: the first `trainer.num_samples` prompts and controls of the
@@ -280,7 +396,7 @@ class ControlNetTask(TextToImageTask):
         cond = self._batch_condition(params, head)
         uncond = self._batch_condition(params, head, jnp.ones((n,), bool))
         return self.generate_controlled(
-            params, rng, cond, uncond, head["control"], n, self.sampling
+            params, rng, cond, uncond, (head["control"],), n, self.sampling
         )
 
     @classmethod
@@ -324,11 +440,6 @@ class ControlNetTask(TextToImageTask):
             raise ConfigError(
                 f"config.model.conditioning_channels={m.conditioning_channels}: control type "
                 f"{kind!r} gives {'3' if kind == 'seg' else '1 or 3'} channels"
-            )
-        if config.eval.every_steps:
-            raise ConfigError(
-                f"config.eval.every_steps={config.eval.every_steps}: periodic evaluation of a "
-                f"ControlNet run is not supported yet; set config.eval.every_steps=0"
             )
         base = base_run_config(config)
         workdir = c.base_workdir

@@ -51,9 +51,10 @@ class Generator:
     """Draws images in [-1, 1] from a diffusion task's `generate` on `mesh`.
 
     Conditions are class labels (class-conditional runs), prompts (text-to-image runs) or
-    nothing (unconditional); `draw` cycles them over the samples in order. The sampler is
-    compiled once per Generator; `draw` takes the params (text-to-image runs: with the text
-    encoder's, see `with_text_encoder`).
+    nothing (unconditional); `draw` cycles them over the samples in order. ControlNet runs
+    also take control images, one batch per ControlNet unit of the task (`task.units`),
+    cycled likewise. The sampler is compiled once per Generator; `draw` takes the params
+    (text-to-image runs: with the text encoder's, see `with_text_encoder`).
     """
 
     def __init__(
@@ -71,7 +72,16 @@ class Generator:
         self._split = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
         replicated = NamedSharding(mesh, PartitionSpec())
         n = batch_size
-        if self.text:
+        self.units = getattr(task, "units", ())
+        if self.units:
+            self._negative = task.tokenize([negative_prompt] * n)
+            self._fn = jax.jit(
+                lambda p, key, prompt, negative, controls: task.generate_from_tokens(
+                    p, key, prompt, negative, n, options, controls
+                ),
+                out_shardings=replicated,
+            )
+        elif self.text:
             self._negative = task.tokenize([negative_prompt] * n)
             self._fn = jax.jit(
                 lambda p, key, prompt, negative: task.generate_from_tokens(
@@ -85,12 +95,15 @@ class Generator:
                 out_shardings=replicated,
             )
 
-    def _batch(self, params, key, conditions: Sequence | None) -> np.ndarray:
+    def _batch(self, params, key, conditions: Sequence | None, controls) -> np.ndarray:
         with jax.set_mesh(self.mesh):
             if self.text:
                 tokens = self.task.tokenize(list(conditions))
                 prompt, negative = jax.device_put((tokens, self._negative), self._split)
-                out = self._fn(params, key, prompt, negative)
+                if self.units:
+                    out = self._fn(params, key, prompt, negative, self._place(controls))
+                else:
+                    out = self._fn(params, key, prompt, negative)
             else:
                 labels = None
                 if conditions is not None:
@@ -98,27 +111,41 @@ class Generator:
                 out = self._fn(params, key, labels)
         return np.asarray(jax.device_get(out))
 
+    def _place(self, controls):
+        return tuple(jax.device_put(np.asarray(c, np.float32), self._split) for c in controls)
+
     def draw(
         self,
         params: Mapping[str, Any],
         num_samples: int,
         seed: int,
         conditions: Sequence | None = None,
+        controls: Sequence[np.ndarray] = (),
     ) -> Iterator[np.ndarray]:
         """Yields host batches [b, H, W, C] (b = batch_size, fewer in the last) of images.
 
         conditions: labels or prompts, cycled over the `num_samples` samples; None for an
         unconditional model. Text-to-image runs need prompts.
+        controls: ControlNet runs: one array [M, H, W, C] of control images per unit, cycled
+        over the samples (M = 1: the same control for all).
         """
         if num_samples < 1:
             raise ConfigError(f"num_samples={num_samples}: expected at least 1")
         if self.text and not conditions:
             raise ConfigError("a text-to-image run samples from prompts; none were given")
+        if len(controls) != len(self.units):
+            raise ConfigError(
+                f"{len(controls)} control image arrays for {len(self.units)} ControlNets; "
+                f"give one per ControlNet"
+            )
         base = jax.random.PRNGKey(seed)
         for index, start in enumerate(range(0, num_samples, self.batch_size)):
-            rows = range(start, start + self.batch_size)
+            rows = np.arange(start, start + self.batch_size)
             batch_conditions = None
             if conditions is not None:
                 batch_conditions = [conditions[i % len(conditions)] for i in rows]
-            images = self._batch(params, jax.random.fold_in(base, index), batch_conditions)
+            batch_controls = [np.asarray(c)[rows % len(c)] for c in controls]
+            images = self._batch(
+                params, jax.random.fold_in(base, index), batch_conditions, batch_controls
+            )
             yield images[: min(self.batch_size, num_samples - start)]

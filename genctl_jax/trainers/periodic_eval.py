@@ -42,6 +42,9 @@ class PeriodicEvaluation:
         options = samplers.options_from_config(config.sampling, config.diffusion)
         self.generator = generation.Generator(task, mesh, options, e.batch_size)
         self.conditions = evaluation.conditions_for(task, config, e.num_samples)
+        self.controls, self.control_maps = (), None
+        if config.task.name == "controlnet":
+            self.controls, self.control_maps = evaluation.controls_for(task, config, e.num_samples)
         self.evaluator = evaluation.Evaluator.from_config(e, mesh, config.data, workdir)
         self._text_encoder = None  # Frozen encoder of a run that read cached embeddings.
         self.best_file = workdir / "eval" / "best.json"
@@ -66,9 +69,9 @@ class PeriodicEvaluation:
         params = self._params(state)
         e = self.config.eval
         samples = np.concatenate(
-            list(self.generator.draw(params, e.num_samples, e.seed, self.conditions))
+            list(self.generator.draw(params, e.num_samples, e.seed, self.conditions, self.controls))
         )
-        scores = self.evaluator.evaluate(samples, self.conditions)
+        scores = self.evaluator.evaluate(samples, self.conditions, self.control_maps)
         logging.info("Evaluation at step %d: %s", step, evaluation.headline(scores))
         if self.metric:
             if self.metric not in scores:
