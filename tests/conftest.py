@@ -4,8 +4,12 @@ This runs before any test module imports JAX, so every test sees the same
 8-device platform and sharding is exercised on every run.
 """
 
+import fcntl
 import os
 import pathlib
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -61,18 +65,58 @@ def pretrained_encoders(tmp_path_factory):
     return {kind: _save_encoder(tmp_path_factory.mktemp(kind), kind) for kind in ("t5", "clip")}
 
 
+def cli(*args, env_extra=None):
+    """`python -m *args` in a fresh process on 8 CPU devices, sharing the compilation cache."""
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "8",
+        "TFDS_DATA_DIR": os.environ["TFDS_DATA_DIR"],
+        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+        **(env_extra or {}),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+
+
+def built_once(tmp_path_factory, name, build):
+    """Directory `name`, filled by `build(directory)` once per test run for all xdist workers.
+
+    Session fixtures are per worker; a run that several workers' tests read is trained once
+    under a file lock (the others wait for it) instead of once per worker. Readers must not
+    change what is inside.
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # shared by the workers' base directories
+    directory = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (directory / ".built").exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            build(directory)
+            (directory / ".built").touch()
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_t2i_base(tmp_path_factory):
-    """Workdir of two train steps of configs/shapes_t2i.py:tiny: a ControlNet's frozen base."""
-    from genctl_jax import configlib
-    from genctl_jax.trainers import loop
+    """Two train steps of configs/shapes_t2i.py:tiny through the training CLI.
 
-    workdir = tmp_path_factory.mktemp("t2i_base")
-    config = configlib.load_config(f"{REPO / 'configs' / 'shapes_t2i.py'}:tiny")
-    config.trainer.num_train_steps = 2
-    config.trainer.sample_every = 0
-    loop.train_and_evaluate(config, workdir)
-    return workdir
+    The text-to-image CLI tests' run and the ControlNet tests' frozen base.
+    """
+
+    def build(workdir):
+        result = cli(
+            "genctl_jax.train", "--config", "configs/shapes_t2i.py:tiny",
+            "--workdir", str(workdir), "--config.trainer.num_train_steps=2",
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    return built_once(tmp_path_factory, "t2i_base", build)
 
 
 @pytest.fixture(scope="session")
@@ -81,11 +125,12 @@ def tiny_controlnet_run(tiny_t2i_base, tmp_path_factory):
     from genctl_jax import configlib
     from genctl_jax.trainers import loop
 
-    workdir = tmp_path_factory.mktemp("controlnet")
-    recipe = REPO / "configs" / "shapes_controlnet.py"
-    config = configlib.load_config(f"{recipe}:tiny,base={tiny_t2i_base}")
-    loop.train_and_evaluate(config, workdir)
-    return workdir
+    def build(workdir):
+        recipe = REPO / "configs" / "shapes_controlnet.py"
+        config = configlib.load_config(f"{recipe}:tiny,base={tiny_t2i_base}")
+        loop.train_and_evaluate(config, workdir)
+
+    return built_once(tmp_path_factory, "controlnet", build)
 
 
 def run_cli_body(module, *argv):

@@ -1,16 +1,13 @@
 """The diffusion trainer and the sampling CLI, end to end on the tiny shapes config."""
 
 import json
-import os
 import pathlib
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli_body
+from conftest import cli, run_cli_body
 from PIL import Image
 
 from genctl_jax import configlib
@@ -18,21 +15,6 @@ from genctl_jax.errors import CheckpointError, ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "configs/shapes_diffusion.py:tiny"
-
-
-def cli(*args, env_extra=None):
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "JAX_PLATFORMS": "cpu",
-        "JAX_NUM_CPU_DEVICES": "8",
-        "TFDS_DATA_DIR": os.environ["TFDS_DATA_DIR"],
-        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-        **(env_extra or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True
-    )
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import cli
 from PIL import Image
-from test_diffusion_training import REPO, cli, run_sample
+from test_diffusion_training import REPO, run_sample
 from test_unet import perturb
 
 from genctl_jax import configlib
@@ -19,20 +20,13 @@ TINY = "configs/shapes_t2i.py:tiny"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One train step of the tiny text-to-image config through the training CLI."""
-    workdir = tmp_path_factory.mktemp("t2i")
-    result = cli(
-        "genctl_jax.train", "--config", TINY, "--workdir", str(workdir),
-        "--config.trainer.num_train_steps=1",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+def trained(tiny_t2i_base):
+    return tiny_t2i_base  # conftest: two train steps of the tiny config through the CLI
 
 
 def test_one_train_step_from_the_cli(trained):
-    assert (trained / "checkpoints" / "1").is_dir()
-    assert (trained / "samples" / "step_00000001.png").exists()
+    assert (trained / "checkpoints" / "2").is_dir()
+    assert (trained / "samples" / "step_00000002.png").exists()
     line = json.loads((trained / "metrics.jsonl").read_text().splitlines()[-1])
     assert np.isfinite(line["loss"]) and np.isfinite(line["mse"])
 

@@ -14,6 +14,7 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
@@ -21,6 +22,25 @@ from jax.experimental import multihost_utils
 from genctl_jax.errors import CheckpointError
 
 CORRUPT_DIR = "corrupt_checkpoints"
+
+
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler, writing replicated arrays in slices only across processes.
+
+    Replica-parallel saving splits each replicated array into one slice per replica so
+    that hosts share the writing. Within one process it only adds an eager slice per
+    array and device: on 8 CPU devices that made a small model's save take ~10 s.
+    """
+    scalar = ocp.type_handlers.ScalarHandler()
+    arrays = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1)
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (int, scalar),
+        (float, scalar),
+        (np.number, scalar),
+        (np.ndarray, ocp.type_handlers.NumpyHandler()),
+        (jax.Array, arrays),
+    )
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
 class Checkpointer:
@@ -35,6 +55,7 @@ class Checkpointer:
                 enable_async_checkpointing=async_save,
                 create=True,
             ),
+            item_handlers={"state": _state_handler(), "data": ocp.JsonCheckpointHandler()},
         )
 
     def all_steps(self) -> list[int]:
@@ -48,7 +69,7 @@ class Checkpointer:
         return self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+                state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)
             ),
             force=True,
         )
@@ -79,7 +100,11 @@ class Checkpointer:
             restored = self._manager.restore(
                 step,
                 args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+                    state=ocp.args.PyTreeRestore(
+                        abstract_state,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                    ),
+                    data=ocp.args.JsonRestore(),
                 ),
             )
         except jax.errors.JaxRuntimeError:
