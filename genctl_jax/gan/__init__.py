@@ -1,0 +1,1 @@
+"""GAN family: losses and regularisers (pix2pix / pix2pixHD, SPADE, StyleGAN2, StyleGAN-NADA)."""
