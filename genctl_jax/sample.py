@@ -198,18 +198,16 @@ def _shapes_captions(prompts) -> bool:
 
 def _print_edge_fidelity(task, controls, samples, where: str) -> None:
     """Edge F1 of the samples' analytic edges against each edge-map control they followed."""
-    from genctl_jax.data import shapes
     from genctl_jax.metrics import control
 
-    edges = np.stack([shapes.segment(image)["edges"] for image in samples])
     for unit, maps in zip(task.units, controls, strict=True):
         if unit.control_type != "edges":
             continue
-        target = np.broadcast_to(maps[..., 0] > 0.5, edges.shape)
-        scores = control.edge_f1(edges, target)
+        target = np.broadcast_to(maps[..., 0] > 0.5, samples.shape[:3])
+        scores = control.shapes_control_fidelity(samples, edges=target)
         print(
-            f"control fidelity ({where}, scale {unit.scale:g}): edge F1 {scores['f1']:.3f} "
-            f"(precision {scores['precision']:.3f}, recall {scores['recall']:.3f})"
+            f"control fidelity ({where}, scale {unit.scale:g}): edge F1 {scores['edge_f1']:.3f} "
+            f"(precision {scores['edge_precision']:.3f}, recall {scores['edge_recall']:.3f})"
         )
 
 
@@ -239,7 +237,7 @@ def _controlnet_sampling(loaded, params):
     workdirs = [FLAGS.workdir, *(FLAGS.controlnet or [])]
     runs = [loaded]
     for workdir in workdirs[1:]:
-        run = saved_run.load(workdir, list(loaded.mesh.devices.flat))
+        run = saved_run.load(workdir, list(loaded.mesh.devices.flat), networks=["controlnet"])
         if run.config.task.name != "controlnet":
             raise ConfigError(f"--controlnet {workdir} holds a {run.config.task.name!r} run")
         runs.append(run)

@@ -142,3 +142,22 @@ def run_cli_body(module, *argv):
         return module.run()
     finally:
         flags.FLAGS.unparse_flags()
+
+
+# The files that take longest (minutes of training or compiling), longest first. Under
+# `pytest -n 2 --dist loadfile` a worker takes the next file when it is free, so starting
+# these first keeps one of them from running alone at the end.
+LONGEST_FIRST = (
+    "test_text_to_image.py",
+    "test_evaluate.py",
+    "test_diffusion_training.py",
+    "test_controlnet_quality.py",
+    "test_controlnet_sampling.py",
+    "test_controlnet_training.py",
+    "test_multiprocess.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -12,7 +12,7 @@ from conftest import REPO
 from genctl_jax import configlib
 from genctl_jax.control import voc_palette
 from genctl_jax.data import pipeline
-from genctl_jax.errors import ConfigError
+from genctl_jax.errors import CheckpointError, ConfigError
 from genctl_jax.models import controlnet as controlnet_lib
 from genctl_jax.parallel import mesh as mesh_lib
 from genctl_jax.trainers import saved_run
@@ -153,6 +153,14 @@ def test_tiny_run_end_to_end(tiny_controlnet_run):
     loaded = saved_run.load(workdir)
     assert loaded.step == 2
     assert set(loaded.params) == {"controlnet", "model", "text_encoder"}
+    # A second ControlNet for multi-control reads its own params only, not its base's copy.
+    alone = saved_run.load(workdir, networks=["controlnet"])
+    assert set(alone.params) == {"controlnet"}
+    jax.tree.map(
+        np.testing.assert_array_equal, alone.params["controlnet"], loaded.params["controlnet"]
+    )
+    with pytest.raises(CheckpointError, match="holds no vae params; its networks are controlnet"):
+        saved_run.load(workdir, networks=["vae"])
 
 
 def test_segmentation_control_is_the_palette_colour_map(base_run):

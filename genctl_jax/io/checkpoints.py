@@ -74,16 +74,20 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, int] | None:
+    def restore(
+        self, abstract_state: Any, step: int | None = None, *, partial: bool = False
+    ) -> tuple[Any, dict, int] | None:
         """Restores `step` (default: the newest readable one) onto `abstract_state`'s shardings.
 
+        partial: `abstract_state` is a nested dict holding only some of the saved leaves (e.g.
+        {"ema_params": {"controlnet": ...}}); only those are read.
         Returns (state, data_state, step), or None when there is no checkpoint.
         """
         if step is not None:
-            return self._restore(step, abstract_state) + (step,)
+            return self._restore(step, abstract_state, partial) + (step,)
         for candidate in reversed(self.all_steps()):
             try:
-                return self._restore(candidate, abstract_state) + (candidate,)
+                return self._restore(candidate, abstract_state, partial) + (candidate,)
             except (CheckpointError, jax.errors.JaxRuntimeError) as error:
                 kept = self._move_aside(candidate)
                 logging.warning(
@@ -95,7 +99,7 @@ class Checkpointer:
                 )
         return None
 
-    def _restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
+    def _restore(self, step: int, abstract_state: Any, partial: bool) -> tuple[Any, dict]:
         try:
             restored = self._manager.restore(
                 step,
@@ -103,6 +107,7 @@ class Checkpointer:
                     state=ocp.args.PyTreeRestore(
                         abstract_state,
                         restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state),
+                        partial_restore=partial,
                     ),
                     data=ocp.args.JsonRestore(),
                 ),

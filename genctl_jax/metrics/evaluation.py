@@ -483,15 +483,9 @@ def controls_for(task, config, num_samples: int) -> tuple[list[np.ndarray], dict
             f"evaluating a ControlNet run needs control maps: only the shapes dataset's test "
             f"split is supported, not {config.data.name!r}"
         )
-    from genctl_jax.data import sources
+    from genctl_jax.metrics import fidelity
 
-    source = sources.open_source(
-        "shapes",
-        split="test",
-        image_size=config.data.image_size,
-        data_dir=config.data.data_dir,
-        shapes_config=config.data.shapes_config,
-    )
+    source = fidelity.shapes_test_source(config.data)
     examples = [source[i % len(source)] for i in range(num_samples)]
     batch = {
         k: np.stack([e[k] for e in examples]) for k in ("image", "edges", "segmentation", "depth")

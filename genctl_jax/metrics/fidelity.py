@@ -56,6 +56,19 @@ def caption_fidelity(images, captions) -> dict[str, float]:
     return out
 
 
+def shapes_test_source(data_config):
+    """The shapes test split (held-out images) at the run's image size and shapes config."""
+    from genctl_jax.data import sources
+
+    return sources.open_source(
+        "shapes",
+        split="test",
+        image_size=data_config.image_size,
+        data_dir=data_config.data_dir,
+        shapes_config=data_config.shapes_config,
+    )
+
+
 def shapes_test_prompts(data_config, n: int, *, repeat: bool = False) -> list[str]:
     """Captions of the first `n` examples of the shapes test split (held-out images).
 
@@ -63,13 +76,7 @@ def shapes_test_prompts(data_config, n: int, *, repeat: bool = False) -> list[st
     """
     from genctl_jax.data import sources
 
-    source = sources.open_source(
-        "shapes",
-        split="test",
-        image_size=data_config.image_size,
-        data_dir=data_config.data_dir,
-        shapes_config=data_config.shapes_config,
-    )
+    source = shapes_test_source(data_config)
     if n > len(source) and not repeat:
         raise ValueError(f"the shapes test split has {len(source)} examples, fewer than {n}")
     held_out = [

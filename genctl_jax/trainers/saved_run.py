@@ -40,9 +40,12 @@ def load(
     devices: Sequence[jax.Device] | None = None,
     *,
     checkpoint: str = "latest",
+    networks: Sequence[str] | None = None,
 ) -> SavedRun:
-    """Restores a checkpoint of `workdir`, preferring EMA params, replicated.
+    """Restores the params of a checkpoint of `workdir`, preferring EMA params, replicated.
 
+    Only params are read (no optimizer state); `networks` limits them to those networks
+    (e.g. a ControlNet run's `controlnet` without its copy of the frozen base).
     checkpoint: 'latest' (of WORKDIR/checkpoints) or 'best' (WORKDIR/best_checkpoint, kept by
     the trainer's periodic evaluation for `config.eval.best_metric`).
     """
@@ -71,23 +74,39 @@ def load(
             f"{workdir} has no best checkpoint ({directory}): the trainer keeps one when "
             f"config.eval.every_steps > 0 and config.eval.best_metric is set"
         )
+    abstract = layout.abstract
+    wanted = set(abstract.params if networks is None else networks)
+    missing = wanted - set(abstract.params)
+    if missing:
+        raise CheckpointError(
+            f"{workdir} holds no {', '.join(sorted(missing))} params; its networks are "
+            f"{', '.join(abstract.params)}"
+        )
+    # The EMA twin replaces the raw params where the run kept one; read only one of the two.
+    target = {
+        "params": {n: abstract.params[n] for n in wanted if n not in abstract.ema_params},
+        "ema_params": {n: abstract.ema_params[n] for n in wanted if n in abstract.ema_params},
+    }
+    target = {field: tree for field, tree in target.items() if tree}  # orbax: no empty dicts
     checkpointer = Checkpointer(directory)
     try:
-        restored = checkpointer.restore(layout.abstract)
+        step = checkpointer.latest_step()
+        if step is None:
+            raise CheckpointError(
+                f"{workdir} has no checkpoint yet; train first with python -m genctl_jax.train "
+                f"--config ... --workdir {workdir}"
+            )
+        # An explicit step: an unreadable checkpoint is an error here, not moved aside as a
+        # resuming trainer does (reading a run must not change it).
+        state, _, _ = checkpointer.restore(target, step, partial=True)
     finally:
         checkpointer.close()
-    if restored is None:
-        raise CheckpointError(
-            f"{workdir} has no checkpoint yet; train first with python -m genctl_jax.train "
-            f"--config ... --workdir {workdir}"
-        )
-    state, _, step = restored
-    if not state.ema_params:
+    if not abstract.ema_params:
         logging.warning("The run kept no EMA params; using the raw params of step %d", step)
     return SavedRun(
         config=config,
         task=task,
         mesh=mesh,
-        params={**state.params, **state.ema_params},
+        params={**state.get("params", {}), **state.get("ema_params", {})},
         step=step,
     )
