@@ -22,11 +22,13 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Two pytest workers (pytest-xdist), one per core: compiles are single-threaded, so this
-# roughly halves the suite's wall time. A test file stays on one worker (--dist loadfile).
+# roughly halves the suite's wall time. A test file stays on one worker (--dist loadfile);
+# files go out in collection order (tests/conftest.py puts the longest first), not xdist's
+# most-tests-first order, so that no long file starts last.
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP) lint
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

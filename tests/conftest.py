@@ -120,6 +120,30 @@ def tiny_t2i_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_tiny_t2i(tmp_path_factory):
+    """600 steps of configs/shapes_t2i.py:tiny (batch 32, on 2 devices): a small model that
+    follows prompts' colours, and the ControlNet quality test's base (about 2.5 minutes)."""
+    from genctl_jax import configlib
+    from genctl_jax.trainers import loop
+
+    def build(workdir):
+        config = configlib.load_config(f"{REPO / 'configs' / 'shapes_t2i.py'}:tiny")
+        config.data.batch_size = 32
+        for network in ("model", "text_encoder"):
+            config.optimizers[network].learning_rate = 2e-3
+            config.optimizers[network].warmup_steps = 50
+        config.trainer.num_train_steps = 600
+        config.trainer.ema_decay = 0.99
+        config.trainer.log_every = 100
+        config.trainer.checkpoint_every = 600
+        config.trainer.sample_every = 0
+        config.mesh.data = 2
+        loop.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+
+    return built_once(tmp_path_factory, "t2i_trained", build)
+
+
+@pytest.fixture(scope="session")
 def tiny_controlnet_run(tiny_t2i_base, tmp_path_factory):
     """Workdir of two train steps of configs/shapes_controlnet.py:tiny on `tiny_t2i_base`."""
     from genctl_jax import configlib

@@ -197,34 +197,23 @@ def test_text_cache_matches_live_encoding_and_trains(pretrained_t5, tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_model_follows_prompts(tmp_path):
+def test_tiny_model_follows_prompts(trained_tiny_t2i):
     """A few hundred steps: guided samples show the prompted colours well above chance."""
     from genctl_jax.metrics.fidelity import caption_fidelity, shapes_test_prompts
-    from genctl_jax.trainers import loop
-    from genctl_jax.trainers.text_to_image import TextToImageTask
+    from genctl_jax.trainers import saved_run
 
-    config = configlib.load_config(f"{REPO / TINY}")
-    config.data.batch_size = 32
-    config.optimizers.model.learning_rate = 2e-3
-    config.optimizers.model.warmup_steps = 50
-    config.optimizers.text_encoder.learning_rate = 2e-3
-    config.optimizers.text_encoder.warmup_steps = 50
-    config.trainer.num_train_steps = 600
-    config.trainer.ema_decay = 0.99
-    config.trainer.log_every = 100
-    config.trainer.checkpoint_every = 0
-    config.trainer.sample_every = 0
-    config.mesh.data = 2
-    state = loop.train_and_evaluate(config, tmp_path, devices=jax.devices()[:2])
-    losses = [json.loads(x)["mse"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    workdir = trained_tiny_t2i  # conftest: 600 steps of the tiny config
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(x)["mse"] for x in lines]
     assert losses[-1] < 0.5 * losses[0], losses
 
-    task = TextToImageTask(config)
+    loaded = saved_run.load(workdir, jax.devices()[:2])
+    task, config = loaded.task, loaded.config
     prompts = shapes_test_prompts(config.data, 96)
     tokens = task.tokenize(prompts), task.tokenize([""] * 96)
     options = samplers.SamplerOptions(num_steps=25, guidance_scale=3.0)
     images = jax.jit(lambda p, key: task.generate_from_tokens(p, key, *tokens, 96, options))(
-        {**state.params, **state.ema_params}, jax.random.PRNGKey(0)
+        loaded.params, jax.random.PRNGKey(0)
     )
     asked = caption_fidelity(images, prompts)["colour"]
     chance = caption_fidelity(images, prompts[7:] + prompts[:7])["colour"]

@@ -1,4 +1,7 @@
-"""Model zoo: each family is a module with `from_config(config.model)` and `validate(config)`."""
+"""Model zoo: each family is a module with `from_config(config.model)` and `validate(config)`.
+
+A GAN family's `from_config` gives its networks (generator, discriminator, ...) as a tuple.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from genctl_jax.errors import ConfigError
 MODELS = {
     "autoencoder": "genctl_jax.models.autoencoder",
     "controlnet": "genctl_jax.models.controlnet",
+    "pix2pix": "genctl_jax.models.gan.pix2pix",
+    "spade": "genctl_jax.models.gan.spade",
+    "stylegan2": "genctl_jax.models.gan.stylegan2",
     "unet": "genctl_jax.models.unet",
 }
 

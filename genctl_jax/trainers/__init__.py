@@ -13,6 +13,9 @@ TASKS = {
     "autoencoder": "genctl_jax.trainers.autoencoder:AutoencoderTask",
     "controlnet": "genctl_jax.trainers.controlnet:ControlNetTask",
     "diffusion": "genctl_jax.trainers.diffusion:DiffusionTask",
+    "pix2pix": "genctl_jax.trainers.gan:Pix2PixTask",
+    "spade": "genctl_jax.trainers.gan:SpadeTask",
+    "stylegan2": "genctl_jax.trainers.gan:StyleGAN2Task",
     "text_to_image": "genctl_jax.trainers.text_to_image:TextToImageTask",
 }
 

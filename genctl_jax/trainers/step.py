@@ -2,9 +2,10 @@
 
 One step runs the task's phases in order. Each phase differentiates its loss with
 respect to its own networks (gradient accumulation over micro-batches, clipping
-inside the optimizer chain), refuses a non-finite update, and applies it. EMA
-follows. Randomness: step key = fold_in(state.rng, step), phase key = fold_in(step
-key, phase index), micro-batch key = fold_in(phase key, micro-batch index).
+inside the optimizer chain), refuses a non-finite update, and applies it; a phase
+that returns new `buffers` (see task.py) replaces them with it. EMA follows.
+Randomness: step key = fold_in(state.rng, step), phase key = fold_in(step key, phase
+index), micro-batch key = fold_in(phase key, micro-batch index).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from genctl_jax.parallel.mesh import BATCH_AXES
 from genctl_jax.trainers import optim
 from genctl_jax.trainers.state import TrainState
-from genctl_jax.trainers.task import Phase, Task
+from genctl_jax.trainers.task import BUFFERS, Phase, Task
 
 
 def _select(pred, new, old):
@@ -90,9 +91,12 @@ def make_train_step(
         loss, metrics, grads = _phase_grads(
             phase, params, batch, rng, state.step, accum_steps, mesh
         )
+        buffers = metrics.pop(BUFFERS, None)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         params, opt_state = dict(params), dict(opt_state)
+        if buffers is not None:
+            params[BUFFERS] = _select(finite, buffers, params[BUFFERS])
         for name in phase.networks:
             updates, new_opt_state = optimizers[name].update(
                 grads[name], opt_state[name], params[name]

@@ -17,6 +17,11 @@ from typing import Any
 import jax
 import ml_collections
 
+# Params entry of a task's non-trained state (StyleGAN2's path-length mean and w average): a
+# dict of arrays no phase differentiates. A phase's loss returns the new dict as
+# metrics[BUFFERS]; it replaces the old one after that phase when the update is finite.
+BUFFERS = "buffers"
+
 # (params of all networks, batch, rng, step) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[dict[str, Any], dict[str, jax.Array], jax.Array, jax.Array], Any]
 
