@@ -1,4 +1,4 @@
-"""Sample a trained diffusion run into a PNG grid.
+"""Sample a trained diffusion or GAN run into a PNG grid.
 
   python -m genctl_jax.sample --workdir DIR --num_samples 16 --sampler ddim --steps 50 \
       --eta 0 --guidance_scale 3 [--labels 0,1,2] [--seed 0] --out samples.png
@@ -14,6 +14,16 @@ or with --extract_control an image / label-id map to extract it from):
       --control edges.png --control seg.png --conditioning_scale 1,0.5      # multi-control
   python -m genctl_jax.sample --workdir runs/shapes_cn --prompt "" --guess_mode \
       --control edges.png                                                     # no prompt
+
+GAN runs (`trainers.gan_sampling`) take their own inputs; the diffusion options are refused:
+
+  python -m genctl_jax.sample --workdir runs/shapes_stylegan2 --num_samples 64 \
+      [--truncation 0.7] [--seed 0]                         # psi < 1: towards the w average
+  python -m genctl_jax.sample --workdir runs/shapes_pix2pix --control edges.png  # edge map
+  python -m genctl_jax.sample --workdir runs/shapes_spade --control labels.png   # class-id PNG
+
+(pix2pix 'seg' runs and SPADE read a greyscale PNG of class ids; without --control, a shapes
+run translates the maps of the shapes test split and prints their control fidelity.)
 
 Uses the EMA params of the workdir's latest checkpoint (--checkpoint best: the one the
 trainer kept for `config.eval.best_metric`), on whatever devices are present.
@@ -54,6 +64,11 @@ flags.DEFINE_list(
 flags.DEFINE_list("control_start", None, "Fraction of the steps each ControlNet starts at (0).")
 flags.DEFINE_list("control_end", None, "Fraction of the steps each ControlNet stops at (1).")
 flags.DEFINE_bool("guess_mode", False, "Control the conditional branch only (empty prompts).")
+flags.DEFINE_float(
+    "truncation",
+    1.0,
+    "StyleGAN2 runs: truncation psi in [0, 1] towards the run's tracked w average (1: none).",
+)
 flags.DEFINE_bool(
     "extract_control",
     False,
@@ -70,6 +85,18 @@ CONTROL_FLAGS = (
     "control_end",
     "guess_mode",
     "extract_control",
+)
+
+# Options of the diffusion samplers, refused for GAN runs (in the order checked).
+DIFFUSION_ONLY_FLAGS = (
+    "sampler",
+    "steps",
+    "eta",
+    "guidance_scale",
+    "prompt",
+    "negative_prompt",
+    "labels",
+    *(f for f in CONTROL_FLAGS if f != "control"),
 )
 
 FLAGS = flags.FLAGS
@@ -107,17 +134,27 @@ def _labels(num_classes: int, num_samples: int) -> np.ndarray | None:
 def run() -> None:
     distributed.initialize()
     from genctl_jax.diffusion import samplers
-    from genctl_jax.trainers import generation, saved_run
+    from genctl_jax.trainers import gan_sampling, generation, saved_run
     from genctl_jax.trainers.diffusion import DiffusionTask, warn_if_unguidable
 
     n = 16 if FLAGS.num_samples is None else FLAGS.num_samples
     if n < 1:
         raise ConfigError(f"--num_samples={n}: expected at least 1")
+    if not 0.0 <= FLAGS.truncation <= 1.0:
+        raise ConfigError(f"--truncation={FLAGS.truncation:g}: expected a value in [0, 1]")
     loaded = saved_run.load(FLAGS.workdir, checkpoint=FLAGS.checkpoint)
     config, task = loaded.config, loaded.task
+    if gan_sampling.is_gan(config):
+        _sample_gan(loaded, n)
+        return
+    if FLAGS["truncation"].present:
+        raise ConfigError(
+            f"--truncation needs a StyleGAN2 run; {FLAGS.workdir} holds a {config.task.name!r} run"
+        )
     if not isinstance(task, DiffusionTask):
         raise ConfigError(
-            f"{FLAGS.workdir} holds a {config.task.name!r} run; sampling needs a diffusion run"
+            f"{FLAGS.workdir} holds a {config.task.name!r} run; sampling needs a diffusion or "
+            f"GAN run"
         )
     sampling = _sampling_config(config)
     samplers.validate(sampling, config.diffusion)
@@ -181,6 +218,77 @@ def run() -> None:
         print(
             f"class fidelity ({where}): {scores['class']:.3f} (colour alone {scores['colour']:.3f})"
         )
+
+
+def _sample_gan(loaded, n: int) -> None:
+    """A GAN run's grid (module doc): StyleGAN2 from latents, pix2pix / SPADE from maps."""
+    from genctl_jax.trainers import gan_sampling
+
+    config, task, name = loaded.config, loaded.task, loaded.config.task.name
+    given = [f for f in DIFFUSION_ONLY_FLAGS if FLAGS[f].present]
+    if given:
+        raise ConfigError(
+            f"--{given[0]} is a diffusion sampling option; {FLAGS.workdir} holds a {name!r} GAN "
+            f"run, which takes --num_samples, --seed, --out and "
+            f"{'--truncation' if name == 'stylegan2' else '--control FILE'}"
+        )
+    if name != "stylegan2" and FLAGS["truncation"].present:
+        raise ConfigError(
+            f"--truncation needs a StyleGAN2 run; {FLAGS.workdir} holds a {name!r} run"
+        )
+    paths, maps, conditions = FLAGS.control or [], None, None
+    if name == "stylegan2":
+        if paths:
+            raise ConfigError(
+                f"--control given, but {FLAGS.workdir} holds an unconditional StyleGAN2 run"
+            )
+    else:
+        kind = "label-id" if name == "spade" or config.task.condition == "seg" else "edge"
+        if len(paths) > 1:
+            raise ConfigError(
+                f"a {name} run takes one --control file (a {kind} map, used for every sample); "
+                f"got {len(paths)}"
+            )
+        if paths:
+            conditions = gan_sampling.read_condition(task, config, paths[0])
+        elif config.data.name == "shapes":
+            maps = gan_sampling.shapes_test_maps(config.data, n)
+            conditions = task.condition_from_batch(maps)
+        else:
+            raise ConfigError(f"this {name} run needs --control FILE (a {kind} map PNG)")
+    samples = gan_sampling.generate(
+        task,
+        loaded.mesh,
+        loaded.params,
+        n,
+        FLAGS.seed or 0,
+        conditions=conditions,
+        truncation=FLAGS.truncation,
+    )
+    out = pathlib.Path(FLAGS.out or pathlib.Path(FLAGS.workdir) / "samples.png")
+    if jax.process_index() == 0:
+        images.save_png(out, images.make_grid(images.to_uint8(samples)))
+    logging.info(
+        "Wrote %d samples of step %d (%s%s) to %s",
+        n,
+        loaded.step,
+        name,
+        f", truncation {FLAGS.truncation:g}" if name == "stylegan2" else "",
+        out,
+    )
+    print(f"wrote {out}")
+    if maps is None:
+        return
+    from genctl_jax.metrics import control
+
+    scores = control.shapes_control_fidelity(
+        samples, segmentations=maps["segmentation"], edges=maps["edges"]
+    )
+    print(
+        f"control fidelity (analytic checker, {n} samples from the shapes test split's maps): "
+        f"segmentation mIoU {scores['segmentation_miou']:.3f}, edge F1 {scores['edge_f1']:.3f} "
+        f"(precision {scores['edge_precision']:.3f}, recall {scores['edge_recall']:.3f})"
+    )
 
 
 def _shapes_captions(prompts) -> bool:

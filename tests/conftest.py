@@ -179,6 +179,9 @@ LONGEST_FIRST = (
     "test_controlnet_sampling.py",
     "test_controlnet_training.py",
     "test_multiprocess.py",
+    "test_gan_training.py",
+    "test_gan_quality.py",
+    "test_gan_sampling.py",
 )
 
 

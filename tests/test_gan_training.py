@@ -48,19 +48,16 @@ def run_steps(config, devices, num_steps):
 
 
 @pytest.fixture(scope="module")
-def stylegan2_runs():
-    """Two StyleGAN2 steps (R1 and path length every 2 steps: on at step 0, off at step 1),
-    on one device and on a data=2 x fsdp=4 mesh."""
-    runs = {}
-    for name, devices, mesh in (("one", jax.devices()[:1], (1, 1)), ("mesh", None, (2, 4))):
-        config = recipe("shapes_stylegan2.py")
-        config.mesh.data, config.mesh.fsdp = mesh
-        runs[name] = run_steps(config, devices, 2)
-    return runs
+def stylegan2_run():
+    """Two StyleGAN2 steps (R1 and path length every 2 steps: on at step 0, off at step 1) on
+    a data=2 x fsdp=4 mesh."""
+    config = recipe("shapes_stylegan2.py")
+    config.mesh.data, config.mesh.fsdp = 2, 4
+    return run_steps(config, None, 2)
 
 
-def test_stylegan2_lazy_regularisers_fire_on_their_steps_only(stylegan2_runs):
-    states, metrics, _ = stylegan2_runs["one"]
+def test_stylegan2_lazy_regularisers_fire_on_their_steps_only(stylegan2_run):
+    states, metrics, sharded = stylegan2_run
     on, off = metrics
     for phase in ("r1", "path_length"):
         assert on[f"{phase}/loss"] > 0 and on[f"{phase}/grad_norm"] > 0, phase
@@ -77,19 +74,27 @@ def test_stylegan2_lazy_regularisers_fire_on_their_steps_only(stylegan2_runs):
     assert np.abs(w_avgs[1] - w_avgs[0]).max() > 0 and np.abs(w_avgs[2] - w_avgs[1]).max() > 0
     assert set(states[-1].ema_params) == {"generator"}
     assert set(states[-1].opt_state) == {"generator", "discriminator"}
+    specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded.params["generator"])]
+    assert any("fsdp" in str(spec) for spec in specs)
 
 
-def test_stylegan2_step_on_a_mesh_equals_one_device(stylegan2_runs):
-    ref_states, ref_metrics, _ = stylegan2_runs["one"]
-    states, metrics, sharded = stylegan2_runs["mesh"]
+def test_gan_step_on_a_mesh_equals_one_device():
+    """Two pix2pixHD steps (both phases, multi-scale D, feature matching) on one device and
+    on data=2 x fsdp=4."""
+    runs = {}
+    for name, devices, mesh in (("one", jax.devices()[:1], (1, 1)), ("mesh", None, (2, 4))):
+        config = recipe("shapes_pix2pix.py", "tiny,hd")
+        config.mesh.data, config.mesh.fsdp = mesh
+        runs[name] = run_steps(config, devices, 2)
+    (ref_states, ref_metrics, _), (states, metrics, sharded) = runs["one"], runs["mesh"]
     for got, want in zip(metrics, ref_metrics, strict=True):
-        for key in ("discriminator/loss", "generator/loss", "r1/loss", "path_length/loss"):
+        for key in ("discriminator/loss", "generator/loss", "generator/feature_matching"):
             np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
-    for tree in ("params", "ema_params"):
+    for tree in ("params", "ema_params", "opt_state"):
         got, want = getattr(states[-1], tree), getattr(ref_states[-1], tree)
         # Adam's first steps are about lr * sign(gradient): reduction-order noise in a gradient
-        # near zero moves a parameter by up to ~1e-4 of the ~2e-3 step.
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4), got, want)
+        # near zero can move a parameter by a fraction of the 2e-4 step.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4), got, want)
     specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded.params["discriminator"])]
     assert any("fsdp" in str(spec) for spec in specs)  # actually sharded, not replicated
 

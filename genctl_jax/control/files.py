@@ -74,6 +74,13 @@ def _resized(array: np.ndarray, size: int, nearest: bool, path: pathlib.Path) ->
     return np.asarray(Image.fromarray(array).resize((size, size), resample=resample))
 
 
+def read_label_ids(path: str | pathlib.Path, size: int) -> np.ndarray:
+    """uint8 [size, size] class ids of a label-id PNG (greyscale or palette), resized
+    nearest-neighbour with a logged note when it has another size."""
+    path = pathlib.Path(path)
+    return _resized(_open(path, label_ids=True), size, True, path)
+
+
 def read_control(
     path: str | pathlib.Path, control_type: str, channels: int, size: int, *, extract: bool = False
 ) -> np.ndarray:
