@@ -84,6 +84,20 @@ def time_alternating(runners: dict, warmup: int, steps: int) -> tuple[dict, dict
     return times, cpu
 
 
+def peak_bytes(compiled) -> int | None:
+    """Per-device peak memory of a compiled function from XLA's memory analysis: arguments +
+    outputs - aliased (donated) + temporaries."""
+    memory = compiled.memory_analysis()
+    if memory is None:
+        return None
+    return (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
+
+
 def emit(record: dict) -> None:
     """Prints one measurement as one JSON line, stamped with the UTC time."""
     stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

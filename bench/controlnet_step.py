@@ -44,18 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _peak_bytes(compiled) -> int | None:
-    memory = compiled.memory_analysis()
-    if memory is None:
-        return None
-    return (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
-
-
 def _flops(compiled) -> float | None:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -138,7 +126,7 @@ def main(argv=None) -> None:
             x.size for n in task.trained_networks for x in jax.tree.leaves(state.params[n])
         )
         facts[name] = {
-            "peak_bytes_per_device": _peak_bytes(compiled),
+            "peak_bytes_per_device": common.peak_bytes(compiled),
             "flops_per_device_step": _flops(compiled),
             "trained_params": int(trained),
         }
