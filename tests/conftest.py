@@ -182,6 +182,7 @@ LONGEST_FIRST = (
     "test_gan_training.py",
     "test_gan_quality.py",
     "test_gan_sampling.py",
+    "test_gan_inversion.py",
 )
 
 
