@@ -84,6 +84,36 @@ def time_alternating(runners: dict, warmup: int, steps: int) -> tuple[dict, dict
     return times, cpu
 
 
+def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
+    """Median FLOP/s (and seconds) of a float32 n x n @ n x n matmul under XLA."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, b))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(f(a, b))
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    return 2 * n**3 / seconds, seconds
+
+
+def flops_of(compiled) -> float | None:
+    """FLOPs XLA's cost analysis assigns to one call of a compiled function."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some backends do not implement it
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
 def peak_bytes(compiled) -> int | None:
     """Per-device peak memory of a compiled function from XLA's memory analysis: arguments +
     outputs - aliased (donated) + temporaries."""

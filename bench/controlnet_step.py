@@ -44,12 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _flops(compiled) -> float | None:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return float(cost["flops"]) if cost and "flops" in cost else None
-
-
 def _stepper(run, state, batch):
     """A no-argument call of one train step that keeps the state it returns."""
     import jax
@@ -127,7 +121,7 @@ def main(argv=None) -> None:
         )
         facts[name] = {
             "peak_bytes_per_device": common.peak_bytes(compiled),
-            "flops_per_device_step": _flops(compiled),
+            "flops_per_device_step": common.flops_of(compiled),
             "trained_params": int(trained),
         }
         runners[name] = _stepper(run, state, batch)

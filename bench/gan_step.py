@@ -63,14 +63,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     common.setup_jax(args.cpu_devices)
     import jax
-    from unet_step import flops_of, matmul_flops_per_s
 
     from genctl_jax import configlib, trainers
     from genctl_jax.data import pipeline
     from genctl_jax.parallel import mesh as mesh_lib
     from genctl_jax.trainers import trainer as trainer_lib
 
-    matmul_rate, matmul_s = matmul_flops_per_s()
+    matmul_rate, matmul_s = common.matmul_flops_per_s()
     info = None
     for family in args.family or FAMILIES:
         config = recipe(family, args.batch_size)
@@ -96,7 +95,7 @@ def main(argv=None) -> None:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
         mean_s = sum(times) / len(times)
-        flops = flops_of(compiled)  # per device
+        flops = common.flops_of(compiled)  # per device
         achieved = flops / mean_s if flops else None
         params = {
             name: int(sum(x.size for x in jax.tree.leaves(state.params[name])))

@@ -30,7 +30,6 @@ import tempfile
 import time
 
 import common
-import unet_step
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -104,7 +103,7 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         compiled = lowered.compile()
         xla_s = time.perf_counter() - start
-    device_flops = unet_step.flops_of(compiled)
+    device_flops = common.flops_of(compiled)
     flops = device_flops * len(devices) if device_flops else None
 
     def run_ours():

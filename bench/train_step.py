@@ -140,18 +140,6 @@ def make_peer(config, mesh, batch) -> tuple[Callable, tuple]:
     return peer_step, carry
 
 
-def flops_of(compiled) -> float | None:
-    """FLOPs XLA's cost analysis assigns to one call, or None where the backend gives none."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if isinstance(cost, list | tuple):  # older JAX: one dict per computation
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     common.setup_jax(args.cpu_devices or args.devices or 1)
@@ -209,7 +197,7 @@ def main(argv=None) -> None:
     # Model FLOPs per step: the peer's compiled step is exactly forward + backward + update.
     # XLA counts the SPMD-partitioned program of one device; the batch is split over all, so
     # the total is that times the device count (the replicated update is counted per device).
-    device_flops = flops_of(peer_step.lower(*peer, batch).compile())
+    device_flops = common.flops_of(peer_step.lower(*peer, batch).compile())
     flops = device_flops * len(devices) if device_flops else None
 
     stats = {name: common.timing_stats(t) for name, t in times.items()}

@@ -102,7 +102,6 @@ def main(argv=None) -> None:
     from diffusers import UNet2DConditionModel
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
     from torch.utils.flop_counter import FlopCounterMode
-    from unet_step import flops_of
 
     from genctl_jax.models import unet_diffusers
 
@@ -177,7 +176,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     compiled = lowered.compile()
     xla_s = time.perf_counter() - start
-    device_flops = flops_of(compiled)
+    device_flops = common.flops_of(compiled)
     step_flops = device_flops * len(devices) if device_flops else None
     memory = compiled.memory_analysis()
     peak_bytes = (

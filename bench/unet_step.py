@@ -119,36 +119,6 @@ def diffusers_unet(m, image_size: int):
     )
 
 
-def matmul_flops_per_s(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
-    """Median FLOP/s (and seconds) of a float32 n x n @ n x n matmul under XLA."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    jax.block_until_ready(f(a, b))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(a, b))
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]
-    return 2 * n**3 / seconds, seconds
-
-
-def flops_of(compiled) -> float | None:
-    """FLOPs XLA's cost analysis assigns to one call of a compiled function."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # some backends do not implement it
-        return None
-    if isinstance(cost, list | tuple):
-        cost = cost[0] if cost else None
-    flops = (cost or {}).get("flops")
-    return float(flops) if flops and flops > 0 else None
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     common.setup_jax(args.cpu_devices)
@@ -220,7 +190,7 @@ def main(argv=None) -> None:
     xla_s = time.perf_counter() - start
     # XLA counts one device's partitioned program; the batch is split over all of them (the
     # small replicated AdamW update is then counted once per device).
-    device_flops = flops_of(compiled)
+    device_flops = common.flops_of(compiled)
     step_flops = device_flops * len(devices) if device_flops else None
 
     def run_ours():
@@ -267,7 +237,7 @@ def main(argv=None) -> None:
     runners = {"ours_jax": run_ours, "diffusers_torch": run_theirs}
     times, cpu = common.time_alternating(runners, args.warmup, args.steps)
 
-    matmul_rate, matmul_s = matmul_flops_per_s()
+    matmul_rate, matmul_s = common.matmul_flops_per_s()
     stats = {name: common.timing_stats(ts) for name, ts in times.items()}
     peer_ms = stats["diffusers_torch"]["median_ms"]
     shared = {

@@ -142,7 +142,7 @@ def run() -> None:
         raise ConfigError(f"--num_samples={n}: expected at least 1")
     if not 0.0 <= FLAGS.truncation <= 1.0:
         raise ConfigError(f"--truncation={FLAGS.truncation:g}: expected a value in [0, 1]")
-    loaded = saved_run.load(FLAGS.workdir, checkpoint=FLAGS.checkpoint)
+    loaded = saved_run.load(FLAGS.workdir, checkpoint=FLAGS.checkpoint, for_sampling=True)
     config, task = loaded.config, loaded.task
     if gan_sampling.is_gan(config):
         _sample_gan(loaded, n)

@@ -10,7 +10,7 @@ from PIL import Image
 from genctl_jax import configlib, sample, trainers
 from genctl_jax.errors import ConfigError
 from genctl_jax.io import images
-from genctl_jax.trainers import gan_sampling, loop, saved_run
+from genctl_jax.trainers import gan_sampling, saved_run
 from genctl_jax.trainers.task import BUFFERS
 
 SIZE = 16  # The tiny configs' image size.
@@ -20,21 +20,14 @@ def recipe(name, arg="tiny"):
     return configlib.load_config(f"{REPO / 'configs' / name}:{arg}")
 
 
-def trained(tmp_path_factory, name):
-    """Workdir of the tiny config's default 2 train steps."""
-    workdir = tmp_path_factory.mktemp(name)
-    loop.train_and_evaluate(recipe(f"shapes_{name}.py"), workdir)
-    return workdir
+@pytest.fixture(scope="module")
+def pix2pix_run(trained_tiny_pix2pix):
+    return trained_tiny_pix2pix  # conftest: 600 steps, shared with the quality test
 
 
 @pytest.fixture(scope="module")
-def pix2pix_run(tmp_path_factory):
-    return trained(tmp_path_factory, "pix2pix")
-
-
-@pytest.fixture(scope="module")
-def stylegan2_run(tmp_path_factory):
-    return trained(tmp_path_factory, "stylegan2")
+def stylegan2_run(trained_tiny_stylegan2):
+    return trained_tiny_stylegan2  # conftest: 160 steps, shared with the quality test
 
 
 def run_sample(*argv):
@@ -74,8 +67,9 @@ def test_stylegan2_grid_and_truncation(stylegan2_run, tmp_path):
 
 
 def test_truncation_zero_is_the_w_average_image(stylegan2_run):
-    run = saved_run.load(stylegan2_run)
+    run = saved_run.load(stylegan2_run, for_sampling=True)
     task, params = run.task, run.params
+    assert set(params) == {"generator", BUFFERS}  # Sampling reads no discriminator.
     w_avg = np.asarray(params[BUFFERS]["w_avg"])
     assert np.abs(w_avg).max() > 0  # tracked during training
     ws = jnp.broadcast_to(jnp.asarray(w_avg), (1, task.generator.num_ws, w_avg.shape[0]))
@@ -108,7 +102,8 @@ def test_pix2pix_samples_the_test_maps_and_reports_fidelity(pix2pix_run, tmp_pat
     )
     assert "segmentation mIoU" in stdout and "edge F1" in stdout
     # The tiles are the generator's images of the first 5 test examples' edge maps.
-    run = saved_run.load(pix2pix_run)
+    run = saved_run.load(pix2pix_run, for_sampling=True)
+    assert set(run.params) == {"generator"}
     maps = gan_sampling.shapes_test_maps(run.config.data, 5)
     want = gan_sampling.generate(
         run.task, run.mesh, run.params, 5, 0, conditions=run.task.condition_from_batch(maps)
@@ -176,7 +171,7 @@ def test_label_id_files_for_spade_and_pix2pix_seg(tmp_path):
     bad = ids.copy()
     bad[3, 4] = 9
     Image.fromarray(bad).save(tmp_path / "bad.png")
-    with pytest.raises(ConfigError, match=r"holds class id 9, but the run has 7 classes"):
+    with pytest.raises(ConfigError, match=r"holds class id 9, but the model has 7 classes"):
         gan_sampling.read_condition(task, config, tmp_path / "bad.png")
     Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp_path / "rgb.png")
     with pytest.raises(ConfigError, match=r"'RGB'; label ids .* greyscale"):
@@ -192,5 +187,5 @@ def test_label_id_files_for_spade_and_pix2pix_seg(tmp_path):
     np.testing.assert_array_equal(got, task.condition_from_batch({"segmentation": ids16[None]}))
     assert len(np.unique(got.reshape(-1, 3), axis=0)) == classes
     Image.fromarray(bad[:SIZE, :SIZE]).save(tmp_path / "bad16.png")
-    with pytest.raises(ConfigError, match=r"holds class id 9, but the run has 7 classes"):
+    with pytest.raises(ConfigError, match=r"holds class id 9, but the model has 7 classes"):
         gan_sampling.read_condition(task, config, tmp_path / "bad16.png")

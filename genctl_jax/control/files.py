@@ -74,11 +74,21 @@ def _resized(array: np.ndarray, size: int, nearest: bool, path: pathlib.Path) ->
     return np.asarray(Image.fromarray(array).resize((size, size), resample=resample))
 
 
-def read_label_ids(path: str | pathlib.Path, size: int) -> np.ndarray:
+def read_label_ids(
+    path: str | pathlib.Path, size: int, num_classes: int | None = None
+) -> np.ndarray:
     """uint8 [size, size] class ids of a label-id PNG (greyscale or palette), resized
-    nearest-neighbour with a logged note when it has another size."""
+    nearest-neighbour with a logged note when it has another size; ids must be < num_classes
+    (None: any uint8 id)."""
     path = pathlib.Path(path)
-    return _resized(_open(path, label_ids=True), size, True, path)
+    ids = _resized(_open(path, label_ids=True), size, True, path)
+    if num_classes is not None and int(ids.max()) >= num_classes:
+        raise ConfigError(
+            f"label map {str(path)!r} holds class id {int(ids.max())}, but the model has "
+            f"{num_classes} classes (ids 0..{num_classes - 1}); save the class ids themselves "
+            f"as pixel values"
+        )
+    return ids
 
 
 def read_control(

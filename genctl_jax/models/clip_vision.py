@@ -141,35 +141,7 @@ class CLIPVisionConfig:
         A `CLIPModel` has a visual projection (width from its top-level `projection_dim`); a
         'clip_vision_model' has one when its architecture is `CLIPVisionModelWithProjection`.
         """
-        model_type = hf_config.get("model_type")
-        if model_type == "clip":
-            # Old OpenAI configs keep the vision fields in `vision_config_dict`, which wins.
-            vision = {**(hf_config.get("vision_config") or {})}
-            vision.update(hf_config.get("vision_config_dict") or {})
-            with_projection = True
-            projection_dim = hf_config.get("projection_dim", HF_DEFAULT_PROJECTION_DIM)
-        elif model_type == "clip_vision_model":
-            vision = dict(hf_config)
-            with_projection = "CLIPVisionModelWithProjection" in (
-                hf_config.get("architectures") or ()
-            )
-            default = HF_DEFAULT_PROJECTION_DIM if with_projection else None
-            projection_dim = vision.get("projection_dim", default)
-        else:
-            raise ConfigError(
-                f"{source}: model_type={model_type!r} is not a CLIP vision model; accepted: "
-                f"'clip' (CLIPModel) or 'clip_vision_model' (CLIPVisionModel, "
-                f"CLIPVisionModelWithProjection)"
-            )
-        own = {f.name for f in dataclasses.fields(cls)} - {"projection_dim", "with_projection"}
-        try:
-            return cls(
-                **{k: v for k, v in vision.items() if k in own},
-                projection_dim=projection_dim,
-                with_projection=with_projection,
-            )
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        return text_clip.tower_config_from_hf(cls, hf_config, "vision", source)
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` that transformers loads as `CLIPVisionModel(WithProjection)`."""

@@ -73,6 +73,10 @@ class _GanTask(Task):
     def ema_networks(self):
         return ("generator",)
 
+    @property
+    def sampling_networks(self):
+        return ("generator",)
+
     @classmethod
     def validate(cls, config):
         if config.task.get("gan_loss") not in losses.GAN_LOSSES:
@@ -335,6 +339,10 @@ class StyleGAN2Task(_GanTask):
         networks = stylegan2.from_config(config.model)
         self.generator, self.discriminator = networks.generator, networks.discriminator
         self.z_dim = config.model.z_dim
+
+    @property
+    def sampling_networks(self):
+        return ("generator", BUFFERS)  # Truncation reads the tracked w average.
 
     def _z(self, rng, n):
         return jax.random.normal(rng, (n, self.z_dim), jnp.float32)

@@ -27,7 +27,6 @@ from genctl_jax.control import files
 from genctl_jax.errors import ConfigError
 from genctl_jax.parallel.mesh import BATCH_AXES
 from genctl_jax.trainers import gan
-from genctl_jax.trainers.task import BUFFERS
 
 TASKS = ("pix2pix", "spade", "stylegan2")  # config.task.name of the GAN runs.
 
@@ -47,25 +46,12 @@ def label_classes(task, config) -> int | None:
     return None
 
 
-def read_label_ids(path: str | pathlib.Path, size: int, num_classes: int | None) -> np.ndarray:
-    """int32 [1, size, size] class ids of a label-id PNG (greyscale or palette; resized
-    nearest-neighbour with a logged note when another size); ids must be < num_classes."""
-    ids = files.read_label_ids(path, size)
-    if num_classes is not None and int(ids.max()) >= num_classes:
-        raise ConfigError(
-            f"label map {str(path)!r} holds class id {int(ids.max())}, but the run has "
-            f"{num_classes} classes (ids 0..{num_classes - 1}); save the class ids themselves "
-            f"as pixel values"
-        )
-    return ids[None].astype(np.int32)
-
-
 def read_condition(task, config, path: str | pathlib.Path) -> np.ndarray:
     """The model input of a pix2pix / SPADE run for one map file: [1, ...] (module doc)."""
     size = config.data.image_size
     if isinstance(task, gan.SpadeTask) or config.task.condition == "seg":
-        ids = read_label_ids(path, size, label_classes(task, config))
-        return task.condition_from_batch({"segmentation": ids})
+        ids = files.read_label_ids(path, size, label_classes(task, config))
+        return task.condition_from_batch({"segmentation": ids[None].astype(np.int32)})
     edges = files.read_control(path, "edges", 1, size)  # [1, S, S, 1] in [0, 1]
     return np.asarray(edges, np.float32) * 2.0 - 1.0  # As Pix2PixTask.condition_from_batch.
 
@@ -121,8 +107,6 @@ def generate(
     ways = generation.batch_ways(mesh)
     padded = -(-num_samples // ways) * ways
     split = NamedSharding(mesh, PartitionSpec(BATCH_AXES))
-    # Only what generation reads (not the discriminator, nor SPADE's encoder).
-    params = {k: v for k, v in params.items() if k in ("generator", BUFFERS)}
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)  # Batch 0, as generation.Generator.
     with jax.set_mesh(mesh):
         if stylegan:

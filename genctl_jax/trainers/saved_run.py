@@ -41,11 +41,14 @@ def load(
     *,
     checkpoint: str = "latest",
     networks: Sequence[str] | None = None,
+    for_sampling: bool = False,
 ) -> SavedRun:
     """Restores the params of a checkpoint of `workdir`, preferring EMA params, replicated.
 
     Only params are read (no optimizer state); `networks` limits them to those networks
-    (e.g. a ControlNet run's `controlnet` without its copy of the frozen base).
+    (e.g. a ControlNet run's `controlnet` without its copy of the frozen base), and
+    `for_sampling` to the task's `sampling_networks` (a GAN's generator, not its
+    discriminator).
     checkpoint: 'latest' (of WORKDIR/checkpoints) or 'best' (WORKDIR/best_checkpoint, kept by
     the trainer's periodic evaluation for `config.eval.best_metric`).
     """
@@ -75,6 +78,8 @@ def load(
             f"config.eval.every_steps > 0 and config.eval.best_metric is set"
         )
     abstract = layout.abstract
+    if networks is None and for_sampling:
+        networks = task.sampling_networks
     wanted = set(abstract.params if networks is None else networks)
     missing = wanted - set(abstract.params)
     if missing:

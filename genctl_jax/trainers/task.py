@@ -67,6 +67,11 @@ class Task(abc.ABC):
         """Networks whose EMA is kept when `config.trainer.ema_decay > 0`."""
         return self.trained_networks
 
+    @property
+    def sampling_networks(self) -> tuple[str, ...] | None:
+        """The params that sampling reads (a reader restores only these); None: all."""
+        return None
+
     def prepare_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Host-side work on a host-local batch before it becomes global arrays (tokenising
         captions, reading cached text embeddings). Default: the batch as it is."""

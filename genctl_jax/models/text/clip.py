@@ -74,6 +74,41 @@ def _logical(init, axes):
     return nn.with_logical_partitioning(init, tuple(axes))
 
 
+def tower_config_from_hf(cls, hf_config: Mapping[str, Any], tower: str, source: str):
+    """`cls` (a tower's config dataclass with `projection_dim` and `with_projection`) from a
+    `config.json`: a full `CLIPModel`'s ('clip'; the tower's section, which an old OpenAI
+    `{tower}_config_dict` overrides; a projection of the top-level `projection_dim`) or a
+    single tower's ('clip_{tower}_model'; a projection when its architecture is
+    `CLIP{Tower}ModelWithProjection`). tower: 'text' or 'vision'."""
+    model_type = hf_config.get("model_type")
+    kind = f"CLIP{tower.capitalize()}Model"
+    if model_type == "clip":
+        fields = {**(hf_config.get(f"{tower}_config") or {})}
+        fields.update(hf_config.get(f"{tower}_config_dict") or {})
+        with_projection = True
+        projection_dim = hf_config.get("projection_dim", HF_DEFAULT_PROJECTION_DIM)
+    elif model_type == f"clip_{tower}_model":
+        fields = dict(hf_config)
+        with_projection = f"{kind}WithProjection" in (hf_config.get("architectures") or ())
+        default = HF_DEFAULT_PROJECTION_DIM if with_projection else None
+        projection_dim = fields.get("projection_dim", default)
+    else:
+        what = "text encoder" if tower == "text" else "vision model"
+        raise ConfigError(
+            f"{source}: model_type={model_type!r} is not a CLIP {what}; accepted: 'clip' "
+            f"(CLIPModel) or 'clip_{tower}_model' ({kind}, {kind}WithProjection)"
+        )
+    own = {f.name for f in dataclasses.fields(cls)} - {"projection_dim", "with_projection"}
+    try:
+        return cls(
+            **{k: v for k, v in fields.items() if k in own},
+            projection_dim=projection_dim,
+            with_projection=with_projection,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
     """The text tower's shape (transformers' `CLIPTextConfig` names; defaults are its defaults)."""
@@ -135,35 +170,7 @@ class CLIPTextConfig:
         A full `CLIPModel` has a text projection (width from its top-level `projection_dim`);
         a 'clip_text_model' has one when its architecture is `CLIPTextModelWithProjection`.
         """
-        model_type = hf_config.get("model_type")
-        if model_type == "clip":
-            # Old OpenAI configs keep the text fields in `text_config_dict`, which wins.
-            text = {**(hf_config.get("text_config") or {})}
-            text.update(hf_config.get("text_config_dict") or {})
-            with_projection = True
-            projection_dim = hf_config.get("projection_dim", HF_DEFAULT_PROJECTION_DIM)
-        elif model_type == "clip_text_model":
-            text = dict(hf_config)
-            with_projection = "CLIPTextModelWithProjection" in (
-                hf_config.get("architectures") or ()
-            )
-            default = HF_DEFAULT_PROJECTION_DIM if with_projection else None
-            projection_dim = text.get("projection_dim", default)
-        else:
-            raise ConfigError(
-                f"{source}: model_type={model_type!r} is not a CLIP text encoder; accepted: "
-                f"'clip' (CLIPModel) or 'clip_text_model' (CLIPTextModel, "
-                f"CLIPTextModelWithProjection)"
-            )
-        own = {f.name for f in dataclasses.fields(cls)} - {"projection_dim", "with_projection"}
-        try:
-            return cls(
-                **{k: v for k, v in text.items() if k in own},
-                projection_dim=projection_dim,
-                with_projection=with_projection,
-            )
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
+        return tower_config_from_hf(cls, hf_config, "text", source)
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` that transformers loads as `CLIPTextModel(WithProjection)`."""
