@@ -9,6 +9,7 @@ import logging
 import jax
 import numpy as np
 import pytest
+from conftest import write_cityscapes_like
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
@@ -327,6 +328,107 @@ def test_missing_caption_lists_the_images(tmp_path):
     (tmp_path / "captions.jsonl").write_text('{"file": 3}\n')
     with pytest.raises(DataError, match=r"captions.jsonl:1: expected"):
         folder.FolderSource(tmp_path)
+
+
+def _cityscapes_cfg(root, **overrides):
+    cfg = _cfg(
+        name=f"folder:{root / 'leftImg8bit' / 'train'}",
+        image_size=16,
+        batch_size=4,
+        shuffle=False,
+        fields=("image", "segmentation", "file"),
+        **overrides,
+    )
+    cfg.folder_maps.segmentation = "../../gtFine/train"  # relative to the image folder
+    cfg.folder_suffixes.image = "_leftImg8bit"
+    cfg.folder_suffixes.segmentation = "_gtFine_labelIds"
+    return cfg
+
+
+def test_paired_label_maps_in_the_cityscapes_layout(tmp_path):
+    labels = write_cityscapes_like(tmp_path, size=(16, 32))
+    # Palette and 16-bit label maps hold ids too (the palette's colours are ignored).
+    paths = sorted(labels)
+    maps = tmp_path / "gtFine" / "train"
+    stem = paths[1].name.removesuffix("_leftImg8bit.png")
+    label_file = maps / paths[1].parent.name / f"{stem}_gtFine_labelIds.png"
+    palette = Image.fromarray(labels[paths[1]], mode="P")
+    palette.putpalette(list(range(256)) * 3)
+    palette.save(label_file)
+    stem = paths[2].name.removesuffix("_leftImg8bit.png")
+    label_file = maps / paths[2].parent.name / f"{stem}_gtFine_labelIds.png"
+    labels[paths[2]] = labels[paths[2]].astype(np.uint16) + 300  # ids beyond 255
+    Image.fromarray(labels[paths[2]]).save(label_file)
+
+    cfg = _cityscapes_cfg(tmp_path)
+    batch = next(pipeline.create_iterator(cfg, seed=0, process_index=0, process_count=1))
+    assert batch["segmentation"].dtype == np.int32
+    for i, rel in enumerate(batch["file"]):
+        path = tmp_path / "leftImg8bit" / "train" / rel
+        # 16 x 32 at image_size 16: no resize, the centred 16 x 16 window (columns 8..23).
+        np.testing.assert_array_equal(batch["segmentation"][i], labels[path][:, 8:24])
+        np.testing.assert_allclose(
+            batch["image"][i], _reference(np.asarray(Image.open(path)), 16), atol=1e-5
+        )
+
+
+def test_paired_map_errors_name_the_files(tmp_path):
+    labels = write_cityscapes_like(tmp_path, size=(16, 32))
+    paths = sorted(labels)
+    maps = tmp_path / "gtFine" / "train" / paths[0].parent.name
+    first = paths[0].name.removesuffix("_leftImg8bit.png")
+
+    # Mismatched pair sizes: the error names both files and both sizes.
+    Image.fromarray(np.zeros((8, 16), np.uint8)).save(maps / f"{first}_gtFine_labelIds.png")
+    it = pipeline.create_iterator(_cityscapes_cfg(tmp_path), seed=0, process_count=1)
+    with pytest.raises(
+        DataError,
+        match=rf"mismatched pair: .*{first}_gtFine_labelIds.png' is "
+        rf"16x8 pixels but its image .*{first}_leftImg8bit.png' is 32x16",
+    ):
+        next(it)
+    # A colour image where class ids are expected.
+    Image.fromarray(np.zeros((16, 32, 3), np.uint8)).save(maps / f"{first}_gtFine_labelIds.png")
+    src = sources.open_source(
+        _cityscapes_cfg(tmp_path).name, split="train", image_size=16,
+        folder_maps={"segmentation": "../../gtFine/train"},
+        folder_suffixes={"image": "_leftImg8bit", "segmentation": "_gtFine_labelIds"},
+    )  # fmt: skip
+    with pytest.raises(DataError, match=r"mode RGB; a label map stores one class id per pixel"):
+        src[0]
+    # An image without its map.
+    (maps / f"{first}_gtFine_labelIds.png").unlink()
+    with pytest.raises(DataError, match=rf"1 of 4 images have no 'segmentation' map .*{first}"):
+        pipeline.validate(_cityscapes_cfg(tmp_path))
+
+    # Config mistakes: ConfigError naming the field.
+    bad = _cityscapes_cfg(tmp_path)
+    bad.folder_suffixes.depth = "_depth"
+    with pytest.raises(ConfigError, match=r"folder_suffixes.depth='_depth': expected 'image' or"):
+        pipeline.validate(bad)
+    bad = _cityscapes_cfg(tmp_path)
+    bad.folder_maps.image = "../../gtFine/train"
+    with pytest.raises(ConfigError, match=r"folder_maps.image=.*expected a map field"):
+        pipeline.validate(bad)
+    bad = _cityscapes_cfg(tmp_path)
+    bad.folder_maps.segmentation = "aachen"  # inside the image folder
+    with pytest.raises(ConfigError, match=r"lies inside the image folder"):
+        pipeline.validate(bad)
+    bad = _cityscapes_cfg(tmp_path)
+    bad.name = "shapes"
+    with pytest.raises(ConfigError, match=r"pair maps with a 'folder:' dataset.*'shapes'"):
+        pipeline.validate(bad)
+    bad = _cfg(name=f"folder:{tmp_path / 'leftImg8bit'}", fields=("image", "edges"))
+    with pytest.raises(ConfigError, match=r"'edges' is not provided.*folder_maps.edges=PATH"):
+        pipeline.validate(bad)
+
+
+def test_a_map_of_another_size_than_its_image_is_a_data_error():
+    examples = [{"image": np.zeros((8, 8, 3), np.uint8), "edges": np.zeros((8, 8), np.uint8)}]
+    examples.append({"image": np.zeros((8, 8, 3), np.uint8), "edges": np.zeros((4, 8), np.uint8)})
+    it = _memory_iter(sources.InMemorySource(examples * 4), shuffle=False, fields=("edges",))
+    with pytest.raises(DataError, match=r"example 1: its 'edges' map is 4x8 .* image is 8x8"):
+        next(it)
 
 
 def test_grey_rgba_palette_and_16_bit_images_become_rgb_with_one_log_each(tmp_path, caplog):

@@ -69,14 +69,26 @@ def load_data_state(workdir, step):
     )
 
 
-def test_resume_after_process_exit_is_bitwise_exact(tmp_path):
+# SGD: Adam would amplify the float noise of mathematically-zero gradients (see test_train.py),
+# and the one- and two-process runs reduce across devices in a different order.
+OVERRIDES = ("--config.mesh.fsdp=4", "--config.optimizers.model.name=sgd")
+
+
+@pytest.fixture(scope="module")
+def one_run(tmp_path_factory):
+    """4 steps in one process over 8 devices: the reference of both tests."""
+    workdir = tmp_path_factory.mktemp("one_run")
+    train(workdir, 4, *OVERRIDES)
+    return workdir
+
+
+def test_resume_after_process_exit_is_bitwise_exact(one_run, tmp_path):
     """2N steps in one run == N steps, exit, resume, N steps: params, EMA, optimizer, RNG."""
-    train(tmp_path / "one_run", 4)
-    train(tmp_path / "two_runs", 2)
-    second = train(tmp_path / "two_runs", 4)
+    train(tmp_path / "two_runs", 2, *OVERRIDES)
+    second = train(tmp_path / "two_runs", 4, *OVERRIDES)
     assert "Resumed from the checkpoint at step 2" in second.stderr
 
-    a, b = load_state(tmp_path / "one_run", 4), load_state(tmp_path / "two_runs", 4)
+    a, b = load_state(one_run, 4), load_state(tmp_path / "two_runs", 4)
     assert set(a) == {"params", "opt_state", "ema_params", "step", "rng"} | {
         "nonfinite_streak",
         "nonfinite_total",
@@ -85,19 +97,15 @@ def test_resume_after_process_exit_is_bitwise_exact(tmp_path):
     for (path, x), y in zip(leaves_a, jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y, err_msg=jax.tree_util.keystr(path))
     assert int(a["step"]) == 4
-    assert load_data_state(tmp_path / "one_run", 4) == load_data_state(tmp_path / "two_runs", 4)
+    assert load_data_state(one_run, 4) == load_data_state(tmp_path / "two_runs", 4)
     metrics = lambda w: [
         json.loads(line) for line in (w / "metrics.jsonl").read_text().splitlines()
     ]
-    assert metrics(tmp_path / "one_run")[-1]["loss"] == metrics(tmp_path / "two_runs")[-1]["loss"]
+    assert metrics(one_run)[-1]["loss"] == metrics(tmp_path / "two_runs")[-1]["loss"]
 
 
-def test_two_processes_train_like_one(tmp_path):
+def test_two_processes_train_like_one(one_run, tmp_path):
     """2 processes x 4 CPU devices (gloo) end with the params of 1 process x 8 devices."""
-    # SGD: Adam would amplify the float noise of mathematically-zero gradients (see
-    # test_train.py), and the two runs reduce across devices in a different order.
-    overrides = ("--config.mesh.fsdp=4", "--config.optimizers.model.name=sgd")
-    train(tmp_path / "one", 2, *overrides)
     launcher = (
         str(REPO / "launch" / "multiprocess_cpu.sh"),
         "2",
@@ -105,12 +113,12 @@ def test_two_processes_train_like_one(tmp_path):
         "4",
         "--",
     )
-    result = train(tmp_path / "two", 2, *overrides, launcher=launcher, env=cli_env())
+    result = train(tmp_path / "two", 4, *OVERRIDES, launcher=launcher, env=cli_env())
     assert "process 1/2: 4 local / 8 global devices" in result.stdout + result.stderr
 
-    one, two = load_state(tmp_path / "one", 2), load_state(tmp_path / "two", 2)
+    one, two = load_state(one_run, 4), load_state(tmp_path / "two", 4)
     for (path, x), y in zip(
         jax.tree_util.tree_leaves_with_path(one), jax.tree.leaves(two), strict=True
     ):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
-    assert load_data_state(tmp_path / "one", 2) == load_data_state(tmp_path / "two", 2)
+    assert load_data_state(one_run, 4) == load_data_state(tmp_path / "two", 4)

@@ -1,4 +1,4 @@
-"""A local folder of images as a random-access source, with optional captions and class labels.
+"""A local folder of images as a random-access source: optional captions, labels, paired maps.
 
 Layout and rules:
 - Images are found recursively under the folder: files whose extension (any case) is one of
@@ -14,6 +14,17 @@ Layout and rules:
 - Decoding applies the EXIF orientation, then the colour policy of `pil_to_rgb` (grey
   replicated, 16-bit grey scaled by 1/257, alpha composited on white, palettes expanded).
   An unreadable or truncated file raises `DataError` naming the file.
+- Paired maps (`maps={field: folder}`, e.g. {"segmentation": "../labels"}; a relative folder
+  is taken from the image folder): each image pairs with the file of the map folder that has
+  the same relative path apart from the extension (`city/x.jpg` <- `city/x.png`). With
+  `suffixes={"image": "_leftImg8bit", field: "_gtFine_labelIds"}` those endings of the file
+  stems are dropped before pairing (the Cityscapes layout), and map files whose stem lacks its
+  suffix are ignored (`_color.png`, `_instanceIds.png` beside the label ids). Every image must
+  have its map, else `DataError` lists the first few without one. A label map
+  (`sources.LABEL_MAP_FIELDS`: `segmentation`, `mask`, ...) is read as one class id per pixel
+  (PNG modes L, P, I;16 or I: palette indices are ids, never colours); other maps (`edges`,
+  `depth`) as grey uint8, 16-bit ones as float32 values. A map whose size differs from its
+  image's raises `DataError` naming both files and both sizes.
 - A folder has a single split, 'train'.
 """
 
@@ -30,6 +41,7 @@ from PIL import Image, ImageOps
 
 from genctl_jax.data.sources import (
     ALPHA_HOW,
+    LABEL_MAP_FIELDS,
     ConversionLog,
     SourceUnavailableError,
     composite_on_white,
@@ -72,6 +84,10 @@ def check_folder(path: str | os.PathLike) -> list[str]:
     return files
 
 
+def _listed(files: list[str]) -> str:
+    return ", ".join(files[:_SHOW]) + (", ..." if len(files) > _SHOW else "")
+
+
 def read_captions(path: pathlib.Path, files: list[str]) -> list[str]:
     """Reads `captions.jsonl` and returns one caption per file of `files`, in that order."""
     by_file: dict[str, str] = {}
@@ -99,10 +115,9 @@ def read_captions(path: pathlib.Path, files: list[str]) -> list[str]:
             by_file[name] = entry["caption"]
     missing = [f for f in files if f not in by_file]
     if missing:
-        shown = ", ".join(missing[:_SHOW]) + (", ..." if len(missing) > _SHOW else "")
         raise DataError(
-            f"{path}: {len(missing)} of {len(files)} images have no caption: {shown}; add a line "
-            '{"file": "<relative path>", "caption": "..."} for each'
+            f"{path}: {len(missing)} of {len(files)} images have no caption: {_listed(missing)}; "
+            'add a line {"file": "<relative path>", "caption": "..."} for each'
         )
     extra = len(by_file) - len(files)
     if extra:
@@ -145,6 +160,42 @@ def decode_image_file(path: str | os.PathLike, *, conversions: ConversionLog) ->
         raise DataError(f"cannot read image file {str(path)!r}: {e}") from e
 
 
+def decode_map_file(
+    path: str | os.PathLike, *, label: bool, conversions: ConversionLog
+) -> np.ndarray:
+    """Reads a paired map: class ids ([H, W], uint8 or int32) if `label`, else grey [H, W]."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            mode = img.mode
+            if mode.startswith("I"):  # 16/32-bit: ids, or raw values (depth) kept as floats
+                arr = np.asarray(img)
+                return arr.astype(np.int32) if label else arr.astype(np.float32)
+            if mode in ("L", "P", "1"):  # a P image's pixels are palette indices: the ids
+                arr = np.asarray(img).astype(np.uint8)
+                return arr * np.uint8(255) if mode == "1" and not label else arr
+            if label:
+                raise DataError(
+                    f"label map {str(path)!r} has PIL mode {mode}; a label map stores one class "
+                    f"id per pixel (PNG modes L, P or I;16): convert its colours to ids first"
+                )
+            conversions.note(mode, "converted to one grey channel by PIL", str(path))
+            return np.asarray(img.convert("L"))
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"cannot read map file {str(path)!r}: {e}") from e
+
+
+def _pair_key(rel: str, suffix: str) -> str | None:
+    """`rel` without its extension and `suffix` (the stem's ending); None if it lacks `suffix`."""
+    stem = os.path.splitext(rel)[0]
+    if not suffix:
+        return stem
+    return stem[: -len(suffix)] if stem.endswith(suffix) else None
+
+
 class FolderSource:
     """Images under a folder (see the module docstring for the layout and rules)."""
 
@@ -155,6 +206,8 @@ class FolderSource:
         split: str = "train",
         labels: bool = False,
         captions_file: str = "captions.jsonl",
+        maps: dict[str, str] | None = None,
+        suffixes: dict[str, str] | None = None,
     ):
         self.root = pathlib.Path(path).expanduser()
         self.name = f"folder:{path}"
@@ -187,7 +240,54 @@ class FolderSource:
         if captions_file and captions_path.is_file():
             self._captions = read_captions(captions_path, self.files)
             fields.add("caption")
+
+        # field -> the map file of each image, in `self.files` order.
+        self._maps = self._pair_maps(maps or {}, suffixes or {})
+        fields.update(self._maps)
         self.fields = frozenset(fields)
+
+    def _pair_maps(self, maps: dict[str, str], suffixes: dict[str, str]) -> dict:
+        if not maps:
+            return {}
+        image_suffix = suffixes.get("image", "")
+        keys = [_pair_key(f, image_suffix) for f in self.files]
+        lacking = [f for f, key in zip(self.files, keys, strict=True) if key is None]
+        if lacking:
+            raise DataError(
+                f"{self.name}: {len(lacking)} of {len(self.files)} images do not end in the "
+                f"stem suffix {image_suffix!r} (config.data.folder_suffixes.image) that pairing "
+                f"drops: {_listed(lacking)}"
+            )
+        paired = {}
+        for field, folder in maps.items():
+            folder = pathlib.Path(folder).expanduser()
+            folder = (folder if folder.is_absolute() else self.root / folder).resolve()
+            if folder.is_relative_to(self.root.resolve()):
+                raise SourceUnavailableError(
+                    f"the {field!r} maps' folder {str(folder)!r} lies inside the image folder, "
+                    f"so its files would be read as images too; put it beside the image folder"
+                )
+            suffix = suffixes.get(field, "")
+            by_key: dict[str, str] = {}
+            for rel in check_folder(folder):
+                key = _pair_key(rel, suffix)
+                if key is None:
+                    continue  # another kind of file beside the maps (e.g. Cityscapes' _color)
+                if key in by_key:
+                    raise DataError(
+                        f"{folder}: {by_key[key]} and {rel} both pair with the same image; keep one"
+                    )
+                by_key[key] = rel
+            missing = [f for f, key in zip(self.files, keys, strict=True) if key not in by_key]
+            if missing:
+                raise DataError(
+                    f"{self.name}: {len(missing)} of {len(self.files)} images have no {field!r} "
+                    f"map in {folder}: {_listed(missing)}; each needs a file with the same "
+                    f"relative path and stem (after config.data.folder_suffixes) and an image "
+                    f"extension"
+                )
+            paired[field] = [folder / by_key[key] for key in keys]
+        return paired
 
     def __len__(self) -> int:
         return len(self.files)
@@ -202,4 +302,16 @@ class FolderSource:
             out["label"] = self._labels[index]
         if self._captions is not None:
             out["caption"] = self._captions[index]
+        for field, files in self._maps.items():
+            value = decode_map_file(
+                files[index], label=field in LABEL_MAP_FIELDS, conversions=self._conversions
+            )
+            if value.shape[:2] != out["image"].shape[:2]:
+                (h, w), (mh, mw) = out["image"].shape[:2], value.shape[:2]
+                raise DataError(
+                    f"mismatched pair: {field} map {str(files[index])!r} is {mw}x{mh} pixels "
+                    f"but its image {str(self.root / rel)!r} is {w}x{h}; a map must have its "
+                    f"image's size"
+                )
+            out[field] = value
         return out

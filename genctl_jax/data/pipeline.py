@@ -24,9 +24,11 @@ Other fields of the example:
 - text (`caption`, `objects`, `file`, ...): Python str; a batch holds an object array of them.
   A list of captions (e.g. coco_captions) yields one, chosen by the position's generator.
 - spatial maps (arrays with the image's height and width, e.g. `segmentation`, `edges`,
-  `depth`): cropped, resized and flipped exactly as the image. Fields in `NEAREST_FIELDS`
-  use nearest-neighbour resampling and keep integer values (int32); others are resized
-  bilinearly and come out float32, uint8 maps scaled to [0, 1].
+  `depth`): cropped, resized and flipped exactly as the image. Fields in
+  `sources.LABEL_MAP_FIELDS` use nearest-neighbour resampling and keep integer values
+  (int32); others are resized bilinearly and come out float32, uint8 maps scaled to [0, 1].
+  A field of `sources.MAP_FIELDS` whose height and width differ from the image's is a
+  DataError (a mismatched pair).
 - `index`: int32, the example's index in the split (always available, replacing a source
   field of that name; for debugging and tests).
 - anything else: passed through as a numpy array.
@@ -66,8 +68,6 @@ from genctl_jax.data import sources
 from genctl_jax.errors import CheckpointError, ConfigError, DataError
 
 STATE_VERSION = 1
-# Spatial fields resampled nearest-neighbour (class ids must not be blended).
-NEAREST_FIELDS = frozenset({"segmentation", "mask", "instance", "instances"})
 # Distinct streams of the root seed, so data order and augmentation are independent.
 _SHUFFLE_STREAM = 0x5EED_0001
 _AUGMENT_STREAM = 0x5EED_0002
@@ -96,6 +96,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.shapes_config = placeholder(str)  # Builder config of the shapes dataset; None: its default.
     c.folder_labels = False  # 'folder:': label = index of the top-level sub-folder (sorted names).
     c.captions_file = "captions.jsonl"  # 'folder:': captions file in the folder, used if present.
+    # 'folder:': field -> folder of per-image maps paired by relative path (data/folder.py).
+    c.folder_maps = ml_collections.ConfigDict()
+    # 'folder:': 'image' or map field -> file-stem ending dropped when pairing (Cityscapes).
+    c.folder_suffixes = ml_collections.ConfigDict()
     c.worker_threads = 8  # Threads reading and transforming examples (0: in the calling thread).
     c.prefetch = 2  # Local batches read ahead of the consumer.
     return c
@@ -182,14 +186,42 @@ def _check_fields(cfg: Any, process_count: int) -> None:
             raise ConfigError(f"config.data.{name}={cfg[name]!r}: expected None or a string")
     if not isinstance(cfg.captions_file, str):
         raise ConfigError(f"config.data.captions_file={cfg.captions_file!r}: expected a file name")
+    maps, suffixes = _folder_pairing(cfg)
+    if (maps or suffixes) and not cfg.name.startswith("folder:"):
+        raise ConfigError(
+            f"config.data.folder_maps / folder_suffixes pair maps with a 'folder:' dataset, but "
+            f"config.data.name={cfg.name!r}; clear them"
+        )
+    for field, folder in maps.items():
+        if field in _NOT_MAPS or not isinstance(folder, str) or not folder:
+            raise ConfigError(
+                f"config.data.folder_maps.{field}={folder!r}: expected a map field (not one of "
+                f"{', '.join(sorted(_NOT_MAPS))}) -> the folder of its maps"
+            )
+    for key, suffix in suffixes.items():
+        if (key != "image" and key not in maps) or not isinstance(suffix, str):
+            raise ConfigError(
+                f"config.data.folder_suffixes.{key}={suffix!r}: expected 'image' or a field of "
+                f"config.data.folder_maps ({', '.join(maps) or 'none'}) -> a file-stem ending"
+            )
     for name in ("worker_threads", "prefetch"):
         if not _is_int(cfg[name]) or cfg[name] < 0:
             raise ConfigError(f"config.data.{name}={cfg[name]!r}: expected an integer >= 0")
 
 
+# Fields a folder provides itself, never as paired maps.
+_NOT_MAPS = frozenset({"image", "label", "caption", "file", "index"})
+
+
+def _folder_pairing(cfg: Any) -> tuple[dict, dict]:
+    """(folder_maps, folder_suffixes) as dicts; configs written before they existed lack them."""
+    return tuple(dict(cfg.get(name, {}).items()) for name in ("folder_maps", "folder_suffixes"))
+
+
 def _open_checked(cfg: Any, split: str, process_count: int) -> Any:
     """Validates `cfg` and opens its source: ConfigError for anything the config gets wrong."""
     _check_fields(cfg, process_count)
+    maps, suffixes = _folder_pairing(cfg)
     try:
         source = sources.open_source(
             cfg.name,
@@ -200,6 +232,8 @@ def _open_checked(cfg: Any, split: str, process_count: int) -> Any:
             shapes_config=cfg.shapes_config,
             folder_labels=cfg.folder_labels,
             captions_file=cfg.captions_file,
+            folder_maps=maps,
+            folder_suffixes=suffixes,
         )
     except sources.SourceUnavailableError as e:
         raise ConfigError(f"config.data.name={cfg.name!r} (split {split!r}): {e}") from e
@@ -211,6 +245,8 @@ def _open_checked(cfg: Any, split: str, process_count: int) -> Any:
                 hint = "; set config.data.folder_labels=True to label images by sub-folder"
             elif field == "caption" and cfg.name.startswith("folder:"):
                 hint = f"; add {cfg.captions_file} to the folder"
+            elif cfg.name.startswith("folder:"):
+                hint = f"; pair a folder of maps with config.data.folder_maps.{field}=PATH"
             elif cfg.name.startswith("tfds:"):
                 hint = "; map it to a TFDS feature in config.data.tfds_keys"
             raise ConfigError(
@@ -332,8 +368,15 @@ class _Transform:
                 out[field] = sources.to_text(pick, where=f"{where} field {field!r}")
             else:
                 arr = np.asarray(value)
+                if field in sources.MAP_FIELDS and arr.shape[:2] != (h, w):
+                    raise DataError(
+                        f"{where}: its {field!r} map is {'x'.join(map(str, arr.shape[:2]))} "
+                        f"(height x width) but its image is {h}x{w}; a map must have its "
+                        f"image's size"
+                    )
                 if arr.ndim >= 2 and arr.shape[:2] == (h, w):
-                    arr = _resize_map(arr, plan, self.size, nearest=field in NEAREST_FIELDS)
+                    nearest = field in sources.LABEL_MAP_FIELDS
+                    arr = _resize_map(arr, plan, self.size, nearest=nearest)
                     spatial.append(field)
                 out[field] = arr
         if flip:

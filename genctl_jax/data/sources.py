@@ -102,6 +102,11 @@ class ConversionLog:
         )
 
 
+# Spatial maps holding class ids: read as ids, resampled nearest-neighbour, never blended.
+LABEL_MAP_FIELDS = frozenset({"segmentation", "mask", "instance", "instances"})
+# Spatial maps that must have their image's height and width.
+MAP_FIELDS = LABEL_MAP_FIELDS | {"edges", "depth"}
+
 ALPHA_HOW = "alpha composited on a white background, then dropped"
 
 
@@ -373,6 +378,8 @@ def open_source(
     shapes_config: str | None = None,
     folder_labels: bool = False,
     captions_file: str = "captions.jsonl",
+    folder_maps: Mapping[str, str] | None = None,
+    folder_suffixes: Mapping[str, str] | None = None,
 ) -> Any:
     """Opens the source a `config.data.name` points at (split already resolved by the caller)."""
     spec = parse_name(name)
@@ -384,4 +391,11 @@ def open_source(
         return TfdsSource(spec.arg, split=split, data_dir=data_dir, keys=tfds_keys)
     from genctl_jax.data.folder import FolderSource  # noqa: PLC0415 - avoids an import cycle
 
-    return FolderSource(spec.arg, split=split, labels=folder_labels, captions_file=captions_file)
+    return FolderSource(
+        spec.arg,
+        split=split,
+        labels=folder_labels,
+        captions_file=captions_file,
+        maps=dict(folder_maps or {}),
+        suffixes=dict(folder_suffixes or {}),
+    )
