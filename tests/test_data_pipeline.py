@@ -423,6 +423,22 @@ def test_paired_map_errors_name_the_files(tmp_path):
         pipeline.validate(bad)
 
 
+def test_paired_grey_maps_keep_their_grey_levels(tmp_path):
+    """Non-label maps are read as grey values: a palette map by its colours, not its indices."""
+    _rgb_folder(tmp_path / "images", [(8, 8)] * 2, classes=("a",))
+    edges = np.zeros((8, 8), np.uint8)
+    edges[2:6, 3] = 1
+    palette = Image.fromarray(edges, mode="P")
+    palette.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    _mkparent(tmp_path / "edges" / "a" / "img_000.png")
+    palette.save(tmp_path / "edges" / "a" / "img_000.png")
+    _save_png(tmp_path / "edges" / "a" / "img_001.png", edges * 200)
+    src = folder.FolderSource(tmp_path / "images", maps={"edges": "../edges"})
+    assert src.fields >= {"image", "edges"}
+    np.testing.assert_array_equal(src[0]["edges"], edges * 255)
+    np.testing.assert_array_equal(src[1]["edges"], edges * 200)
+
+
 def test_a_map_of_another_size_than_its_image_is_a_data_error():
     examples = [{"image": np.zeros((8, 8, 3), np.uint8), "edges": np.zeros((8, 8), np.uint8)}]
     examples.append({"image": np.zeros((8, 8, 3), np.uint8), "edges": np.zeros((4, 8), np.uint8)})

@@ -172,14 +172,15 @@ def decode_map_file(
             if mode.startswith("I"):  # 16/32-bit: ids, or raw values (depth) kept as floats
                 arr = np.asarray(img)
                 return arr.astype(np.int32) if label else arr.astype(np.float32)
-            if mode in ("L", "P", "1"):  # a P image's pixels are palette indices: the ids
-                arr = np.asarray(img).astype(np.uint8)
-                return arr * np.uint8(255) if mode == "1" and not label else arr
             if label:
+                if mode in ("L", "P", "1"):  # a P image's pixels are palette indices: the ids
+                    return np.asarray(img).astype(np.uint8)
                 raise DataError(
                     f"label map {str(path)!r} has PIL mode {mode}; a label map stores one class "
                     f"id per pixel (PNG modes L, P or I;16): convert its colours to ids first"
                 )
+            if mode == "L":
+                return np.asarray(img)
             conversions.note(mode, "converted to one grey channel by PIL", str(path))
             return np.asarray(img.convert("L"))
     except DataError:
