@@ -31,7 +31,7 @@ Variants (comma-separated after a colon):
 from genctl_jax import configlib
 from genctl_jax.data import shapes
 from genctl_jax.models.gan import spade
-from genctl_jax.trainers import gan, optim
+from genctl_jax.trainers import gan
 
 NUM_CLASSES = 35
 TRAIN_IMAGES = 2975
@@ -62,12 +62,8 @@ def get_config(arg=None):
     c.task.feature_matching_weight = 10.0
     c.task.kl_weight = 0.05
 
-    c.optimizers.generator = optim.default_config(
-        name="adam", learning_rate=1e-4, b1=0.0, b2=0.999, grad_clip_norm=0.0
-    )
-    c.optimizers.discriminator = optim.default_config(
-        name="adam", learning_rate=4e-4, b1=0.0, b2=0.999, grad_clip_norm=0.0
-    )
+    c.optimizers.generator = gan.adam(1e-4, 0.0, 0.999)
+    c.optimizers.discriminator = gan.adam(4e-4, 0.0, 0.999)
     if arg.vae:
         c.optimizers.encoder = c.optimizers.generator.copy_and_resolve_references()
 
@@ -87,10 +83,5 @@ def get_config(arg=None):
         c.model = spade.tiny_config(use_vae=arg.vae)
         c.model.generator.num_classes = 1 + shapes.NUM_SHAPES
         c.sharding.max_replicated_fraction = 0.3  # tiny widths do not split 8 ways
-        c.trainer.num_train_steps = 2
-        c.trainer.log_every = 1
-        c.trainer.checkpoint_every = 2
-        c.trainer.sample_every = 2
-        c.trainer.num_samples = 4
-        c.trainer.progress_bar = False
+        configlib.tiny_trainer(c.trainer, 2)
     return c

@@ -26,17 +26,11 @@ Variants (comma-separated after a colon):
 """
 
 from genctl_jax import configlib
-from genctl_jax.gan import losses
 from genctl_jax.models.gan import stylegan2
-from genctl_jax.trainers import gan, optim
+from genctl_jax.trainers import gan
 
 IMAGES_SHOWN = 25_000_000
 EMA_HALF_LIFE_IMAGES = 10_000
-
-
-def _adam(learning_rate, interval):
-    lr, b1, b2 = losses.lazy_adam_hparams(learning_rate, 0.0, 0.99, interval)
-    return optim.default_config(name="adam", learning_rate=lr, b1=b1, b2=b2, grad_clip_norm=0.0)
 
 
 def get_config(arg=None):
@@ -69,8 +63,8 @@ def get_config(arg=None):
         c.task.r1_every = 2
         c.task.pl_every = 2
         c.sharding.max_replicated_fraction = 0.3  # tiny widths do not split 8 ways
-    c.optimizers.generator = _adam(2e-3, c.task.pl_every)
-    c.optimizers.discriminator = _adam(2e-3, c.task.r1_every)
+    c.optimizers.generator = gan.lazy_adam(2e-3, c.task.pl_every)
+    c.optimizers.discriminator = gan.lazy_adam(2e-3, c.task.r1_every)
 
     batch = c.data.batch_size
     c.trainer.num_train_steps = arg.steps or IMAGES_SHOWN // batch
@@ -80,10 +74,5 @@ def get_config(arg=None):
     c.trainer.sample_every = 10_000
     c.trainer.num_samples = 16
     if arg.tiny:
-        c.trainer.num_train_steps = 2
-        c.trainer.log_every = 1
-        c.trainer.checkpoint_every = 2
-        c.trainer.sample_every = 2
-        c.trainer.num_samples = 4
-        c.trainer.progress_bar = False
+        configlib.tiny_trainer(c.trainer, 2)
     return c

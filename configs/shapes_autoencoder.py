@@ -53,10 +53,5 @@ def get_config(arg=None):
         # Its 3- and 4-channel convs (7.5% of bytes) cannot be split 8 ways over fsdp.
         c.sharding.max_replicated_fraction = 0.1
         c.optimizers.model.warmup_steps = 2
-        c.trainer.num_train_steps = 4
-        c.trainer.log_every = 2
-        c.trainer.checkpoint_every = 2
-        c.trainer.sample_every = 4
-        c.trainer.num_samples = 4
-        c.trainer.progress_bar = False
+        configlib.tiny_trainer(c.trainer, 4)
     return c

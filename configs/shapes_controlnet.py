@@ -82,11 +82,6 @@ def get_config(arg=None):
         c.optimizers.controlnet.warmup_steps = 1
         c.optimizers.controlnet.learning_rate = 1e-3
         c.sampling.num_steps = 2
-        c.trainer.num_train_steps = 2
-        c.trainer.log_every = 1
-        c.trainer.checkpoint_every = 2
-        c.trainer.sample_every = 2
-        c.trainer.num_samples = 4
-        c.trainer.progress_bar = False
+        configlib.tiny_trainer(c.trainer, 2)
         c.sharding.max_replicated_fraction = base.sharding.max_replicated_fraction
     return c

@@ -73,11 +73,6 @@ def get_config(arg=None):
         c.model = unet.tiny_config()
         c.sampling.num_steps = 4
         c.optimizers.model.warmup_steps = 2
-        c.trainer.num_train_steps = 4
-        c.trainer.log_every = 2
-        c.trainer.checkpoint_every = 2
-        c.trainer.sample_every = 4
-        c.trainer.num_samples = 4
-        c.trainer.progress_bar = False
+        configlib.tiny_trainer(c.trainer, 4)
         c.sharding.max_replicated_fraction = 0.2  # tiny widths do not split 8 ways
     return c

@@ -20,7 +20,7 @@ Variants (comma-separated after a colon):
 
 from genctl_jax import configlib
 from genctl_jax.models.gan import pix2pix
-from genctl_jax.trainers import gan, optim
+from genctl_jax.trainers import gan
 
 
 def get_config(arg=None):
@@ -55,9 +55,7 @@ def get_config(arg=None):
         c.task.l1_weight = 100.0
 
     for network in ("generator", "discriminator"):
-        c.optimizers[network] = optim.default_config(
-            name="adam", learning_rate=2e-4, b1=0.5, b2=0.999, grad_clip_norm=0.0
-        )
+        c.optimizers[network] = gan.adam(2e-4, 0.5, 0.999)
 
     c.trainer.num_train_steps = arg.steps
     c.trainer.ema_decay = 0.999
@@ -73,10 +71,5 @@ def get_config(arg=None):
         c.model = pix2pix.tiny_hd_config() if arg.hd else pix2pix.tiny_config()
         # Its small first and last convs cannot all be split 8 ways over fsdp.
         c.sharding.max_replicated_fraction = 0.2
-        c.trainer.num_train_steps = 2
-        c.trainer.log_every = 1
-        c.trainer.checkpoint_every = 2
-        c.trainer.sample_every = 2
-        c.trainer.num_samples = 4
-        c.trainer.progress_bar = False
+        configlib.tiny_trainer(c.trainer, 2)
     return c

@@ -20,7 +20,7 @@ Variants (comma-separated after a colon):
 from genctl_jax import configlib
 from genctl_jax.data import shapes
 from genctl_jax.models.gan import spade
-from genctl_jax.trainers import gan, optim
+from genctl_jax.trainers import gan
 
 
 def get_config(arg=None):
@@ -48,12 +48,8 @@ def get_config(arg=None):
     c.task.feature_matching_weight = 10.0
     c.task.kl_weight = 0.05
 
-    c.optimizers.generator = optim.default_config(
-        name="adam", learning_rate=1e-4, b1=0.0, b2=0.999, grad_clip_norm=0.0
-    )
-    c.optimizers.discriminator = optim.default_config(
-        name="adam", learning_rate=4e-4, b1=0.0, b2=0.999, grad_clip_norm=0.0
-    )
+    c.optimizers.generator = gan.adam(1e-4, 0.0, 0.999)
+    c.optimizers.discriminator = gan.adam(4e-4, 0.0, 0.999)
     if arg.vae:
         c.optimizers.encoder = c.optimizers.generator.copy_and_resolve_references()
 
@@ -71,10 +67,5 @@ def get_config(arg=None):
         c.model.discriminator.update(base_channels=8)
         c.model.encoder.update(base_channels=4)
         c.sharding.max_replicated_fraction = 0.3
-        c.trainer.num_train_steps = 2
-        c.trainer.log_every = 1
-        c.trainer.checkpoint_every = 2
-        c.trainer.sample_every = 2
-        c.trainer.num_samples = 4
-        c.trainer.progress_bar = False
+        configlib.tiny_trainer(c.trainer, 2)
     return c

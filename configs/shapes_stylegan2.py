@@ -22,14 +22,8 @@ Variants (comma-separated after a colon):
 """
 
 from genctl_jax import configlib
-from genctl_jax.gan import losses
 from genctl_jax.models.gan import stylegan2
-from genctl_jax.trainers import gan, optim
-
-
-def _adam(learning_rate, interval):
-    lr, b1, b2 = losses.lazy_adam_hparams(learning_rate, 0.0, 0.99, interval)
-    return optim.default_config(name="adam", learning_rate=lr, b1=b1, b2=b2, grad_clip_norm=0.0)
+from genctl_jax.trainers import gan
 
 
 def get_config(arg=None):
@@ -71,13 +65,8 @@ def get_config(arg=None):
         c.task.r1_every = 2
         c.task.pl_every = 2
         c.sharding.max_replicated_fraction = 0.3
-        c.trainer.num_train_steps = 2
-        c.trainer.log_every = 1
-        c.trainer.checkpoint_every = 2
-        c.trainer.sample_every = 2
-        c.trainer.num_samples = 4
-        c.trainer.progress_bar = False
+        configlib.tiny_trainer(c.trainer, 2)
 
-    c.optimizers.generator = _adam(2e-3, c.task.pl_every)
-    c.optimizers.discriminator = _adam(2e-3, c.task.r1_every)
+    c.optimizers.generator = gan.lazy_adam(2e-3, c.task.pl_every)
+    c.optimizers.discriminator = gan.lazy_adam(2e-3, c.task.r1_every)
     return c

@@ -112,11 +112,6 @@ def get_config(arg=None):
         c.sampling.num_steps = 4
         c.optimizers.model.warmup_steps = 2
         c.optimizers.text_encoder.warmup_steps = 2
-        c.trainer.num_train_steps = 4
-        c.trainer.log_every = 2
-        c.trainer.checkpoint_every = 2
-        c.trainer.sample_every = 4
-        c.trainer.num_samples = 4
-        c.trainer.progress_bar = False
+        configlib.tiny_trainer(c.trainer, 4)
         c.sharding.max_replicated_fraction = 0.5  # tiny widths do not split 8 ways
     return c

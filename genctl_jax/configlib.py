@@ -140,6 +140,19 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def tiny_trainer(trainer: ml_collections.ConfigDict, steps: int) -> None:
+    """The `tiny` variants' trainer block: `steps` steps logged twice, a checkpoint every 2
+    steps, 4 samples at the end, no progress bar."""
+    trainer.update(
+        num_train_steps=steps,
+        log_every=max(steps // 2, 1),
+        checkpoint_every=2,
+        sample_every=steps,
+        num_samples=4,
+        progress_bar=False,
+    )
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Loads `path/to/config.py[:arg]` the way `--config` does (for tests and tools)."""
     path, _, arg = spec.partition(":")

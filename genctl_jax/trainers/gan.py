@@ -32,6 +32,7 @@ from genctl_jax import control as control_lib
 from genctl_jax.errors import ConfigError
 from genctl_jax.gan import losses
 from genctl_jax.models.gan import pix2pix, spade, stylegan2
+from genctl_jax.trainers import optim
 from genctl_jax.trainers.task import BUFFERS, Phase, Task
 
 # Condition kinds of the paired tasks -> the dataset field they come from.
@@ -56,6 +57,19 @@ def default_config() -> ml_collections.ConfigDict:
     c.pl_batch_shrink = 2
     c.pl_decay = 0.01
     return c
+
+
+def adam(learning_rate: float, b1: float, b2: float) -> ml_collections.ConfigDict:
+    """An `optimizers.<network>` block of Adam without gradient clipping, as the GAN papers."""
+    return optim.default_config(
+        name="adam", learning_rate=learning_rate, b1=b1, b2=b2, grad_clip_norm=0.0
+    )
+
+
+def lazy_adam(learning_rate: float, interval: int) -> ml_collections.ConfigDict:
+    """StyleGAN2's Adam (betas 0, 0.99) adjusted for a lazy regulariser every `interval` steps
+    (`losses.lazy_adam_hparams`)."""
+    return adam(*losses.lazy_adam_hparams(learning_rate, 0.0, 0.99, interval))
 
 
 def _scale_mean(per_scale) -> jax.Array:
