@@ -4,16 +4,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
-RUN_WORKDIR ?= runs/shapes_diffusion
+RUN_WORKDIR ?= runs/shapes_t2i
+CLASS_WORKDIR ?= runs/shapes_diffusion
 # On a CPU-only machine two fake devices keep both cores busy (one XLA CPU device uses ~1.3
 # cores on small convolutions); accelerators ignore this setting.
 RUN_CPU_DEVICES ?= 2
 
-# The ControlNet demo's base (text-to-image) and ControlNet runs.
-T2I_WORKDIR ?= runs/shapes_t2i
+# The ControlNet demo's base (the text-to-image run of `make run`) and ControlNet runs.
+T2I_WORKDIR ?= $(RUN_WORKDIR)
 CONTROLNET_WORKDIR ?= runs/shapes_controlnet
 
-.PHONY: test run run-controlnet lint format clean-cache
+.PHONY: test run run-class run-controlnet lint format clean-cache
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,12 +39,22 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Trains (or resumes) text-to-image diffusion on the shapes captions, then samples the
+# held-out test prompts and prints the analytic checker's prompt fidelity.
 run: $(STAMP)
 	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.train \
-	    --config configs/shapes_diffusion.py --workdir $(RUN_WORKDIR)
+	    --config configs/shapes_t2i.py --workdir $(RUN_WORKDIR)
 	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.sample --workdir $(RUN_WORKDIR) \
-	    --num_samples 64 --sampler ddim --steps 50 --guidance_scale 3 \
+	    --num_samples 128 --sampler ddim --steps 50 --guidance_scale 3 \
 	    --out $(RUN_WORKDIR)/samples.png
+
+# The class-conditional counterpart (48 classes = shape x colour); prints class fidelity.
+run-class: $(STAMP)
+	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.train \
+	    --config configs/shapes_diffusion.py --workdir $(CLASS_WORKDIR)
+	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.sample --workdir $(CLASS_WORKDIR) \
+	    --num_samples 64 --sampler ddim --steps 50 --guidance_scale 3 \
+	    --out $(CLASS_WORKDIR)/samples.png
 
 # Trains (or resumes, a no-op once finished) the text-to-image base, then a ControlNet on
 # its frozen UNet with the dataset's edge maps, and prints control fidelity (edge F1 of the

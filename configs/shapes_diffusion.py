@@ -1,4 +1,4 @@
-"""Class-conditional diffusion on the embedded shapes dataset (the default of `make run`).
+"""Class-conditional diffusion on the embedded shapes dataset (`make run-class`).
 
 Launch:
 
@@ -10,7 +10,7 @@ then sample with guidance (prints the analytic class fidelity):
   python -m genctl_jax.sample --workdir runs/shapes_diffusion --num_samples 64 \
       --sampler ddim --steps 50 --guidance_scale 3
 
-Variants: `:tiny` (tests), `:steps=N`. Sized for `make run`: about 12 minutes on 2 CPU
+Variants: `:tiny` (tests), `:steps=N`. Sized for `make run-class`: about 12 minutes on 2 CPU
 cores (2 fake devices, ~5.7 steps/s); on 2026-11-25 a 4,200-step run here reached a class
 fidelity of 0.92 on 64 samples (0.94 on 192; 0.66 without guidance), DDIM 50, guidance 3.
 """
