@@ -39,22 +39,21 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# Trains (or resumes) text-to-image diffusion on the shapes captions, then samples the
-# held-out test prompts and prints the analytic checker's prompt fidelity.
-run: $(STAMP)
-	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.train \
-	    --config configs/shapes_t2i.py --workdir $(RUN_WORKDIR)
-	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.sample --workdir $(RUN_WORKDIR) \
-	    --num_samples 128 --sampler ddim --steps 50 --guidance_scale 3 \
-	    --out $(RUN_WORKDIR)/samples.png
+# Trains (or resumes) config $(1) in workdir $(2), then draws $(3) samples there with
+# DDIM-50 at guidance 3 and prints the analytic checker's fidelity.
+define train_and_sample
+	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.train --config $(1) --workdir $(2)
+	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.sample --workdir $(2) \
+	    --num_samples $(3) --sampler ddim --steps 50 --guidance_scale 3 --out $(2)/samples.png
+endef
 
-# The class-conditional counterpart (48 classes = shape x colour); prints class fidelity.
+# Text-to-image on the shapes captions: prompt fidelity on 128 held-out test captions.
+run: $(STAMP)
+	$(call train_and_sample,configs/shapes_t2i.py,$(RUN_WORKDIR),128)
+
+# The class-conditional counterpart (48 classes = shape x colour): class fidelity.
 run-class: $(STAMP)
-	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.train \
-	    --config configs/shapes_diffusion.py --workdir $(CLASS_WORKDIR)
-	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.sample --workdir $(CLASS_WORKDIR) \
-	    --num_samples 64 --sampler ddim --steps 50 --guidance_scale 3 \
-	    --out $(CLASS_WORKDIR)/samples.png
+	$(call train_and_sample,configs/shapes_diffusion.py,$(CLASS_WORKDIR),64)
 
 # Trains (or resumes, a no-op once finished) the text-to-image base, then a ControlNet on
 # its frozen UNet with the dataset's edge maps, and prints control fidelity (edge F1 of the
