@@ -3,7 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
+# The compilation cache outlives the checkout: JAX keys entries by program, jaxlib version and
+# flags, not by path, so a new clone or worktree reuses what an earlier one compiled.
+export JAX_COMPILATION_CACHE_DIR ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/genctl_jax/jax
 RUN_WORKDIR ?= runs/shapes_t2i
 CLASS_WORKDIR ?= runs/shapes_diffusion
 # On a CPU-only machine two fake devices keep both cores busy (one XLA CPU device uses ~1.3
@@ -69,4 +71,4 @@ run-controlnet: $(STAMP)
 	    --sweep conditioning_scale=0,1 --name control_demo
 
 clean-cache:
-	rm -rf .cache/jax
+	rm -rf $(JAX_COMPILATION_CACHE_DIR)

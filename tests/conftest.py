@@ -24,9 +24,11 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 # Faster random init on CPU; the partitionable variant is only needed on real meshes.
 jax.config.update("jax_threefry_partitionable", False)
+# The Makefile's cache directory, also when pytest runs without make.
+USER_CACHE = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
 jax.config.update(
     "jax_compilation_cache_dir",
-    os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".cache" / "jax")),
+    os.environ.get("JAX_COMPILATION_CACHE_DIR", str(USER_CACHE / "genctl_jax" / "jax")),
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

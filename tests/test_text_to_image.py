@@ -135,13 +135,19 @@ def pretrained_config(encoder_dir, recipe="t2i_t5.py", **args):
 
 
 @pytest.mark.parametrize("kind", ["t5", "clip"])
-def test_frozen_pretrained_encoder_trains_the_unet_only(pretrained_encoders, kind, tmp_path):
-    from genctl_jax.models import text as text_lib
-    from genctl_jax.trainers import loop
-
+def test_pretrained_encoder_sets_the_unet_text_widths(pretrained_encoders, kind):
     config = pretrained_config(pretrained_encoders[kind], f"t2i_{kind}.py")
     # Widths read from the encoder's config.json: CLIP's pooled output is its projection.
     assert (config.model.context_dim, config.model.pooled_dim) == (32, 32 if kind == "t5" else 24)
+
+
+def test_frozen_pretrained_encoder_trains_the_unet_only(pretrained_encoders, tmp_path):
+    """Freezing is the trainer's, whatever the encoder: CLIP trains here (a frozen T5 is loaded
+    and encodes live in the cache test)."""
+    from genctl_jax.models import text as text_lib
+    from genctl_jax.trainers import loop
+
+    config = pretrained_config(pretrained_encoders["clip"], "t2i_clip.py")
     state = loop.train_and_evaluate(config, tmp_path)
     assert int(state.step) == 2
     encoder = text_lib.build(config.text)
