@@ -11,6 +11,8 @@ CLASS_WORKDIR ?= runs/shapes_diffusion
 # On a CPU-only machine two fake devices keep both cores busy (one XLA CPU device uses ~1.3
 # cores on small convolutions); accelerators ignore this setting.
 RUN_CPU_DEVICES ?= 2
+# A genctl_jax module on those devices: `$(RUN_MODULE) genctl_jax.train ...`.
+RUN_MODULE = JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m
 
 # The ControlNet demo's base (the text-to-image run of `make run`) and ControlNet runs.
 T2I_WORKDIR ?= $(RUN_WORKDIR)
@@ -44,8 +46,8 @@ format: $(STAMP)
 # Trains (or resumes) config $(1) in workdir $(2), then draws $(3) samples there with
 # DDIM-50 at guidance 3 and prints the analytic checker's fidelity.
 define train_and_sample
-	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.train --config $(1) --workdir $(2)
-	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.sample --workdir $(2) \
+	$(RUN_MODULE) genctl_jax.train --config $(1) --workdir $(2)
+	$(RUN_MODULE) genctl_jax.sample --workdir $(2) \
 	    --num_samples $(3) --sampler ddim --steps 50 --guidance_scale 3 --out $(2)/samples.png
 endef
 
@@ -62,11 +64,10 @@ run-class: $(STAMP)
 # samples' edges against the control maps) and prompt fidelity on held-out test examples,
 # with the ControlNet off (conditioning scale 0: the base alone) and on (scale 1).
 run-controlnet: $(STAMP)
-	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.train \
-	    --config configs/shapes_t2i.py --workdir $(T2I_WORKDIR)
-	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.train \
+	$(RUN_MODULE) genctl_jax.train --config configs/shapes_t2i.py --workdir $(T2I_WORKDIR)
+	$(RUN_MODULE) genctl_jax.train \
 	    --config configs/shapes_controlnet.py:base=$(T2I_WORKDIR) --workdir $(CONTROLNET_WORKDIR)
-	JAX_NUM_CPU_DEVICES=$(RUN_CPU_DEVICES) $(PY) -m genctl_jax.evaluate \
+	$(RUN_MODULE) genctl_jax.evaluate \
 	    --workdir $(CONTROLNET_WORKDIR) --metrics control,fidelity --num_samples 64 \
 	    --sweep conditioning_scale=0,1 --name control_demo
 
