@@ -17,9 +17,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from jax.experimental import multihost_utils
 
 from genctl_jax.errors import CheckpointError
+from genctl_jax.parallel import distributed
 
 CORRUPT_DIR = "corrupt_checkpoints"
 
@@ -129,7 +129,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             corrupt.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), str(target))
-        multihost_utils.sync_global_devices(f"genctl_jax: moved checkpoint {step} aside")
+        distributed.barrier(f"genctl_jax: moved checkpoint {step} aside")
         self._manager.reload()
         return target
 

@@ -19,6 +19,7 @@ import os
 from collections.abc import Mapping
 
 import jax
+import orbax.checkpoint as ocp
 
 from genctl_jax.errors import ConfigError
 
@@ -33,6 +34,9 @@ _FALSE = ("", "0", "false", "no")
 
 # Set once initialize() has finished, so a second call is a no-op.
 _done = False
+
+# How long `barrier` waits for the last process: one may be building a dataset or compiling.
+BARRIER_TIMEOUT_S = 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +170,17 @@ def initialize(env: Mapping[str, str] | None = None) -> None:
     elif plan.mode == "auto":
         jax.distributed.initialize()
     _done = True
+
+
+def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Waits until every process has reached `name`; a no-op with one process.
+
+    Waits on the coordination service, not on a device collective: the CPU backend's gloo
+    collectives give up when a process joins a device group more than 30 s after the others,
+    and a process can be busy for longer. Use each name once per run.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))
 
 
 def process_summary() -> str:

@@ -14,13 +14,13 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 from genctl_jax import configlib, trainers
 from genctl_jax.data import pipeline
 from genctl_jax.errors import CheckpointError, ConfigError, TrainingError
 from genctl_jax.io import images
 from genctl_jax.io.checkpoints import CORRUPT_DIR, Checkpointer
+from genctl_jax.parallel import distributed
 from genctl_jax.parallel import mesh as mesh_lib
 from genctl_jax.trainers import state as state_lib
 from genctl_jax.trainers import trainer as trainer_lib
@@ -119,11 +119,10 @@ def train_and_evaluate(
         # The embedded dataset is built on first use: one process builds, the others wait.
         if jax.process_index() == 0:
             pipeline.validate(config.data, process_count=jax.process_count())
-        multihost_utils.sync_global_devices("genctl_jax: data prepared")
+        distributed.barrier("genctl_jax: data prepared")
     configlib.validate(config, num_devices=len(devices))
     claim_workdir(config, workdir)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("genctl_jax: workdir claimed")
+    distributed.barrier("genctl_jax: workdir claimed")
 
     # ---- Mesh.
     mesh = mesh_lib.create_mesh(config.mesh, devices)
@@ -155,6 +154,12 @@ def train_and_evaluate(
         async_save=config.trainer.async_checkpoints,
     )
     restored = checkpointer.restore(run.layout.abstract)
+    if jax.process_count() > 1:
+        # Processes can finish compiling minutes apart (on CPU only process 0 gets cache hits:
+        # it alone writes the cache, and the key holds the device assignment), and gloo gives
+        # up on a collective that a process joins 30 s late: compile first, then start together.
+        run.compile(example, init=restored is None)
+        distributed.barrier("genctl_jax: compiled")
     if restored is None:
         state = run.initialize()
         data.set_state(data_start)

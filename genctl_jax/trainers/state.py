@@ -73,7 +73,15 @@ class StateLayout:
     def initialize(self) -> TrainState:
         """Runs the jitted init: every shard is created on its own device."""
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-            return jax.jit(self._init, out_shardings=self.shardings)(self._seed_key)
+            return self._jitted_init()(self._seed_key)
+
+    def compile(self) -> None:
+        """Compiles the init now; `initialize` reuses the executable."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            self._jitted_init().lower(self._seed_key).compile()
+
+    def _jitted_init(self):
+        return jax.jit(self._init, out_shardings=self.shardings)
 
 
 def layout(task, optimizers, config, mesh, batch_spec) -> StateLayout:

@@ -42,6 +42,12 @@ class Trainer:
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return self._train_step.lower(self.layout.abstract, batch)
 
+    def compile(self, batch: dict[str, Any], *, init: bool = True) -> None:
+        """Compiles the train step for `batch` (and the init) now; later calls reuse them."""
+        if init:
+            self.layout.compile()
+        self.lower(batch).compile()
+
     def initialize(self) -> state_lib.TrainState:
         """A new run's state: random init, then the task's pretrained networks (EMA too)."""
         state = self.layout.initialize()
