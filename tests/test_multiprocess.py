@@ -17,6 +17,8 @@ CONFIG = "configs/shapes_autoencoder.py:tiny"
 
 pytestmark = pytest.mark.slow
 
+TIMEOUT_S = 300  # per training command
+
 
 def cli_env(**extra):
     env = {
@@ -53,11 +55,11 @@ def train(workdir, steps, *overrides, launcher=(), env=None, program=("-m", "gen
         start_new_session=True,
     )
     try:
-        stdout, stderr = process.communicate(timeout=300)
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         stdout, stderr = process.communicate()
-        pytest.fail(f"no exit after 300 s; the output ends:\n{(stdout + stderr)[-3000:]}")
+        pytest.fail(f"no exit after {TIMEOUT_S} s; the output ends:\n{(stdout + stderr)[-3000:]}")
     # The launcher relays its processes' output to its stdout.
     assert process.returncode == 0, (stdout + stderr)[-3000:]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

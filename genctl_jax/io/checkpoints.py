@@ -129,7 +129,9 @@ class Checkpointer:
         if jax.process_index() == 0:
             corrupt.mkdir(parents=True, exist_ok=True)
             shutil.move(str(self.directory / str(step)), str(target))
-        distributed.barrier(f"genctl_jax: moved checkpoint {step} aside")
+        # Named by directory too: a run's checkpoints and its best checkpoint each need their own
+        # barrier (a name is used once), and the name must be the same on every host.
+        distributed.barrier(f"genctl_jax: moved {self.directory.name}/{step} aside")
         self._manager.reload()
         return target
 
